@@ -1,0 +1,212 @@
+"""The run configuration: one validated section per stage, loaded from YAML with overrides."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and what it expected."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def digest(self) -> str:
+        """A short hash of the section, so a stage reruns when its config changes."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_home() -> Path:
+    """Where ftflow keeps its state: $FTFLOW_HOME, else .ftflow in the working directory."""
+    return Path(os.environ.get("FTFLOW_HOME", ".ftflow")).absolute()
+
+
+class RunConfig(_Section):
+    name: str = "ftflow-demo"
+    home: str = Field(default_factory=lambda: str(default_home()))
+    runs_dir: str = ""  # default: <home>/runs
+    tracking_uri: str = ""  # default: sqlite:///<home>/mlflow.db
+    experiment: str = "ftflow"
+    seed: int = 42
+
+    def resolved_runs_dir(self) -> Path:
+        return Path(self.runs_dir or Path(self.home) / "runs")
+
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{Path(self.home).absolute() / 'mlflow.db'}"
+
+
+class IngestConfig(_Section):
+    inputs: list[str] = Field(default_factory=lambda: ["sample_data/*.jsonl", "sample_data/*.csv"])
+    languages: list[str] = Field(default_factory=lambda: ["en"])
+    language_threshold: float = Field(0.65, ge=0.0, le=1.0)
+    lid_model: str = ""  # path to lid.176.ftz/bin; default: <home>/assets/lid.176.ftz
+    min_words: int = Field(3, ge=0)
+    max_chars: int = Field(20_000, gt=0)
+    gopher_quality: bool = True
+    gopher_repetition: bool = True
+    refusal_filter: bool = False  # refusal examples are wanted data: off by default
+    refusal_patterns: list[str] = Field(
+        default_factory=lambda: [r"\bas an ai language model\b", r"\bi cannot (help|assist) with\b"]
+    )
+
+
+class PiiConfig(_Section):
+    entities: list[str] = Field(
+        default_factory=lambda: [
+            "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE",
+            "IP_ADDRESS", "URL_CREDENTIALS", "SECRET",
+        ]
+    )
+    mode: Literal["placeholder", "pseudonym"] = "placeholder"
+    score_threshold: float = Field(0.4, ge=0.0, le=1.0)
+    spacy_model: str = ""  # an installed spaCy pipeline with NER enables PERSON/LOCATION
+    deny_list_persons: list[str] = Field(default_factory=list)
+
+
+class DedupConfig(_Section):
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    eval_max: int = Field(200, ge=0)
+    ngram: int = Field(5, ge=1)
+    num_perm: int = Field(128, ge=16)
+    threshold: float = Field(0.8, gt=0.0, le=1.0)
+    executor: Literal["local", "datatrove-local", "datatrove-slurm", "datatrove-ray"] = "local"
+
+
+class TeacherConfig(_Section):
+    kind: Literal["transformers", "openai"] = "transformers"
+    model: str = "builtin:tiny-llama"  # a hub id, a local path, or builtin:tiny-llama
+    base_url: str = ""  # OpenAI-compatible endpoint, for kind=openai
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
+    temperature: float = 0.7
+    max_new_tokens: int = Field(96, gt=0)
+
+
+class AugmentConfig(_Section):
+    enabled: bool = True
+    max_seed_records: int = Field(16, ge=0)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    min_words: int = Field(4, ge=0)
+    max_chars: int = Field(4000, gt=0)
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    use_dora: bool = False
+
+
+class TrainConfig(_Section):
+    base_model: str = "builtin:tiny-llama"  # a hub id, a local folder, or builtin:tiny-llama
+    method: Literal["qlora", "lora"] = "qlora"
+    trust_remote_code: bool = False
+    chat_template: Literal["auto", "chatml", "llama-3", "alpaca"] = "auto"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(512, gt=0)
+    assistant_only_loss: bool = True
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    eval_steps: int = Field(50, gt=0)
+    save_steps: int = Field(50, gt=0)
+    logging_steps: int = Field(5, gt=0)
+
+
+class EvaluateConfig(_Section):
+    max_samples: int = Field(100, gt=0)
+    num_choices: int = Field(4, ge=2)
+    batch_size: int = Field(8, gt=0)
+    gate_metric: str = "heldout_ppl/word_perplexity"
+    gate_min_improvement: float = 0.0  # relative: 0.05 = tuned must beat base by 5%
+
+
+class ExportConfig(_Section):
+    model_name: str = "ftflow-demo"
+    alias: str = "candidate"
+    merge: bool = True
+    register_if_gate_fails: bool = False
+
+
+class PipelineConfig(BaseModel):
+    """The whole run, validated before the first stage starts."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    run: RunConfig = Field(default_factory=RunConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    pii: PiiConfig = Field(default_factory=PiiConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @field_validator("ingest")
+    @classmethod
+    def _inputs_given(cls, v: IngestConfig) -> IngestConfig:
+        if not v.inputs:
+            raise ValueError("ingest.inputs must name at least one file, glob or URL")
+        return v
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{override}': '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a YAML config (or the embedded defaults), apply key=value overrides, validate."""
+    data: dict[str, Any] = {}
+    origin = "embedded defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        data, origin = loaded, str(p)
+    for ov in overrides or []:
+        _apply_override(data, ov)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
