@@ -1,0 +1,140 @@
+"""The ``ftflow`` command: run the pipeline, run one stage, start the local stack, deploy."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from data_contracts.config import ConfigError, default_home, load_config
+from data_contracts.records import RecordError
+from flows.env import quiet_offline_env
+
+STAGE_NAMES = ("ingest", "pii", "dedup", "augment", "train", "evaluate", "export")
+
+
+def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """The optional config path and the key=value overrides, in any order."""
+    config = [i for i in items if "=" not in i]
+    if len(config) > 1:
+        raise ConfigError(f"expected one config file, got {config}")
+    return (config[0] if config else None), [i for i in items if "=" in i]
+
+
+def _set_home_env(home: str) -> None:
+    # Keep Prefect's local state beside ours unless the user points Prefect elsewhere.
+    os.environ.setdefault("PREFECT_HOME", str(Path(home) / "prefect"))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config, overrides = _split_args(args.items)
+    cfg = load_config(config, overrides)  # validate before Prefect starts
+    _set_home_env(cfg.run.home)
+    from flows.pipeline import finetune_pipeline
+    from flows.report import print_summary
+
+    out = finetune_pipeline(config_path=config, overrides=overrides, run_id=args.run_id)
+    print_summary(out, cfg)
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    home = Path(cfg.run.home)
+    out = Path(args.output)
+    name = args.name
+    if name == "ingest":
+        from tasks.ingest import run_ingest
+        m = run_ingest(args.input, out, cfg.ingest, home=home)
+    elif name == "pii":
+        from tasks.pii import run_pii
+        m = run_pii(args.input, out, cfg.pii, home=home)
+    elif name == "dedup":
+        from tasks.dedup import run_dedup
+        m = run_dedup(args.input, out, cfg.dedup, home=home,
+                      seed=cfg.run.seed)
+    elif name == "augment":
+        from tasks.augment import run_augment
+        m = run_augment(args.input, out, cfg.augment, home=home)
+    elif name == "train":
+        from tasks.train import run_train
+        m = run_train(args.input, out, cfg.train, home=home,
+                      seed=cfg.run.seed)
+    elif name == "evaluate":
+        from tasks.evaluate import run_evaluate
+        if not args.train_dir:
+            raise ConfigError("evaluate needs --train-dir (a train stage directory)")
+        m = run_evaluate(args.input, args.train_dir, out, cfg.evaluate, home=home)
+    else:
+        from tasks.export import run_export
+        if not args.eval_dir:
+            raise ConfigError("export needs --eval-dir (an evaluate stage directory)")
+        m = run_export(args.input, args.eval_dir, out, cfg.export,
+                       tracking_uri=cfg.run.resolved_tracking_uri())
+    print(f"{name}: in={m.records_in} generated={m.generated} kept={m.kept} "
+          f"filtered={m.filtered_total} {m.filtered or ''} deduplicated={m.deduplicated} "
+          f"quarantined={m.quarantined} -> {out}")
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from flows.stack import run_stack
+    return run_stack(Path(args.home or default_home()), args.prefect_port, args.mlflow_port)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from deployments.serve import serve
+    serve(args.config, cron=args.cron, watch=args.watch)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ftflow", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the whole pipeline")
+    run.add_argument("items", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
+    run.add_argument("--run-id", help="resume (or name) a run: stages already done are skipped")
+    run.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("stage", help="run one stage alone on a file or a stage directory")
+    st.add_argument("name", choices=STAGE_NAMES)
+    st.add_argument("--input", required=True, help="raw input file/glob or a stage directory")
+    st.add_argument("--output", required=True, help="stage directory to write")
+    st.add_argument("--config", help="pipeline config YAML (default: embedded defaults)")
+    st.add_argument("--train-dir", help="evaluate: the train stage directory")
+    st.add_argument("--eval-dir", help="export: the evaluate stage directory")
+    st.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    st.set_defaults(func=cmd_stage)
+
+    sk = sub.add_parser("stack", help="start prefect server + mlflow server on 127.0.0.1")
+    sk.add_argument("--home")
+    sk.add_argument("--prefect-port", type=int, default=4200)
+    sk.add_argument("--mlflow-port", type=int, default=5000)
+    sk.set_defaults(func=cmd_stack)
+
+    dp = sub.add_parser("deploy", help="serve the pipeline: cron schedule and/or data arrival")
+    dp.add_argument("config", nargs="?")
+    dp.add_argument("--cron", default="0 3 * * *")
+    dp.add_argument("--watch", help="inbox folder: a new file there triggers a run")
+    dp.set_defaults(func=cmd_deploy)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_offline_env()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ConfigError, RecordError, FileNotFoundError) as err:
+        print(f"ftflow: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

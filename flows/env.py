@@ -1,0 +1,23 @@
+"""Process environment for offline, quiet runs (see ENVIRONMENT.md)."""
+
+from __future__ import annotations
+
+import os
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS": "",  # presidio's email recognizer would fetch it
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # else telemetry errors and a locked SQLite
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "DISABLE_MLFLOW_INTEGRATION": "TRUE",  # the flow logs to MLflow itself, not the Trainer
+}
+
+
+def quiet_offline_env() -> None:
+    """Set the offline defaults; values the user already exported win."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)

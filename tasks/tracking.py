@@ -1,0 +1,112 @@
+"""The one MLflow helper: a parent run per pipeline run, a nested run per stage.
+
+Everything goes through an explicit ``MlflowClient`` and run ids, never the fluent
+active-run stack, so Prefect's task threads cannot log into the wrong run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from data_contracts.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+MAX_ARTIFACT_BYTES = 20 * 1024 * 1024
+MAX_PARAM_CHARS = 500
+SKIP_ARTIFACTS = ("data-", "heldout-")
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    """A nested config section as flat ``a.b.c`` -> string params."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+    else:
+        text = json.dumps(obj) if isinstance(obj, list) else str(obj)
+        out[prefix.rstrip(".")] = text[:MAX_PARAM_CHARS]
+    return out
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None = None) -> str:
+    """The experiment's id, creating it; a local store keeps artifacts under artifact_root."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    local = not client.tracking_uri.startswith(("http://", "https://", "databricks"))
+    location = (artifact_root / name).absolute().as_uri() if (local and artifact_root) else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+class Tracker:
+    """Logs one pipeline run into an MLflow experiment."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None = None) -> None:
+        self.uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+        self.experiment_id = ensure_experiment(self.client, experiment, artifact_root)
+
+    def start_parent(self, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def start_stage(self, parent_id: str, stage: str, params: dict[str, str]) -> str:
+        tags = {MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: stage, "ftflow.stage": stage}
+        run = self.client.create_run(self.experiment_id, run_name=stage, tags=tags)
+        self._log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        items = [Metric(k, float(v), 0, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def log_history(self, run_id: str, history_file: Path) -> int:
+        """Per-step training curves from a trainer's log history (one JSON object per line)."""
+        items: list[Metric] = []
+        for line in history_file.read_text().splitlines():
+            row = json.loads(line)
+            step = int(row.get("step", 0))
+            for key, value in row.items():
+                if key in ("step", "epoch") or not isinstance(value, (int, float)):
+                    continue
+                items.append(Metric(f"step/{key}", float(value), 0, step))
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+        return len(items)
+
+    def log_stage_result(self, run_id: str, manifest: Manifest, stage_dir: Path) -> None:
+        """Ledger counts and timings as metrics, manifest and small reports as artifacts."""
+        self.log_metrics(run_id, manifest.ledger_metrics())
+        tags = [RunTag(f"ftflow.info.{k}", str(v)[:MAX_PARAM_CHARS]) for k, v in manifest.info.items()
+                if isinstance(v, (str, int, float, bool))]
+        if tags:
+            self.client.log_batch(run_id, tags=tags)
+        history = manifest.info.get("history_file")
+        if history and Path(history).exists():
+            self.log_history(run_id, Path(history))
+        for path in sorted(stage_dir.iterdir()):
+            if (path.is_file() and not path.name.startswith(SKIP_ARTIFACTS)
+                    and path.stat().st_size <= MAX_ARTIFACT_BYTES):
+                self.client.log_artifact(run_id, str(path))
+
+    def end(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

