@@ -1,0 +1,439 @@
+"""Stage 2: scrub personal data and secrets from every message with Presidio, offline."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import phonenumbers
+import spacy
+from prefect import task
+from presidio_analyzer import (
+    AnalyzerEngine,
+    BatchAnalyzerEngine,
+    EntityRecognizer,
+    Pattern,
+    PatternRecognizer,
+    RecognizerRegistry,
+    RecognizerResult,
+)
+from presidio_analyzer.nlp_engine import NlpArtifacts, SpacyNlpEngine
+from presidio_analyzer.predefined_recognizers import (
+    CreditCardRecognizer,
+    EmailRecognizer,
+    IbanRecognizer,
+    IpRecognizer,
+    PhoneRecognizer,
+    SpacyRecognizer,
+    UsSsnRecognizer,
+)
+from presidio_anonymizer import AnonymizerEngine
+from presidio_anonymizer.entities import OperatorConfig
+from spacy.attrs import LEMMA, LOWER
+from spacy.language import Language
+
+from data_contracts.config import PiiConfig
+from data_contracts.manifest import Manifest
+from data_contracts.records import ChatSample
+from tasks.io import (
+    Quarantined,
+    StageWriter,
+    input_digests,
+    is_stage_dir,
+    iter_input,
+    read_records,
+    up_to_date,
+)
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_NAME = "redactions_sample.jsonl"
+CHUNK = 512  # records analysed together; bounds memory, keeps spaCy batches full
+
+PLACEHOLDERS = {
+    "EMAIL_ADDRESS": "<EMAIL>", "PHONE_NUMBER": "<PHONE>", "CREDIT_CARD": "<CREDIT_CARD>",
+    "US_SSN": "<SSN>", "IBAN_CODE": "<IBAN>", "IP_ADDRESS": "<IP>",
+    "URL_CREDENTIALS": "<URL_CREDENTIALS>", "SECRET": "<SECRET>", "PERSON": "<PERSON>",
+    "LOCATION": "<LOCATION>",
+}
+NER_ENTITIES = ("PERSON", "LOCATION")
+NER_FACTORIES = {"ner", "beam_ner", "entity_ruler", "span_ruler"}
+
+# Secret formats Presidio does not know. Each keyword/prefix also feeds the pre-screen, so the
+# screen can never reject a text one of these patterns would match.
+SECRET_KEYWORDS = r"(?:api[_-]?key|apikey|secret|token|passwd|password|pwd|access[_-]?key)"
+SECRET_PREFIXES = ["akia", "asia", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_",
+                   "glpat-", "xox", "eyj", "-----begin", "bearer"]
+_ASSIGN = rf"(?<={SECRET_KEYWORDS}(?:[_.-][\w.-]*)?[\"']?\s*[:=]\s*)"
+SECRET_PATTERNS = [
+    Pattern("aws_access_key_id", r"(?-i:\b(?:AKIA|ASIA)[0-9A-Z]{16}\b)", 0.9),
+    Pattern("github_token", r"\bgh[pousr]_[A-Za-z0-9]{36,}\b", 0.9),
+    Pattern("github_pat", r"\bgithub_pat_[A-Za-z0-9_]{22,}", 0.9),
+    Pattern("gitlab_pat", r"\bglpat-[A-Za-z0-9_-]{20,}", 0.9),
+    Pattern("slack_token", r"\bxox[baprs]-[A-Za-z0-9-]{10,}", 0.9),
+    Pattern("jwt", r"\beyJ[\w-]{8,}\.eyJ[\w-]{8,}\.[\w-]{8,}", 0.9),
+    Pattern("private_key_block",
+            r"-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END[A-Z0-9 ]*PRIVATE KEY-----|\Z)",
+            1.0),
+    Pattern("bearer_token", r"(?<=\bbearer\s+)[A-Za-z0-9._~+/=-]{20,}", 0.8),
+    # `password = "hunter22"`: a quoted value after a secret-named key.
+    Pattern("quoted_assignment", _ASSIGN + r"([\"'])[^\"'\s]{6,}\1", 0.7),
+    # Unquoted: needs letters and digits (or 20+ chars) so `token: required` stays prose.
+    Pattern("bare_assignment",
+            _ASSIGN + r"(?:(?=[^\s\"',;]*\d)(?=[^\s\"',;]*[a-z])[^\s\"',;<]{6,}|[^\s\"',;<]{20,})",
+            0.7),
+]
+URL_CREDENTIALS_PATTERN = Pattern(
+    "userinfo_in_url", r"(?<=\b[a-z][a-z0-9+.-]*://)[^\s:@/]+:[^\s@/]+@[^\s/?#\"'<>]+", 0.95
+)
+
+# Minimum digits each numeric recogniser needs to match anything (from its patterns).
+MIN_DIGITS = {"CREDIT_CARD": 13, "US_SSN": 9}
+# Digits joined by up to 4 non-word characters ('x' and U+30FC are phonenumbers separators too).
+_DIGIT_RUN = re.compile(r"\d(?:[\W_xX\u30fc]{0,4}\d)*")
+SCREENS = {
+    "EMAIL_ADDRESS": r"@",
+    "IBAN_CODE": r"[a-z]{2}[0-9]{2}",
+    "IP_ADDRESS": r"\d\.\d|:[0-9a-f]{0,4}:",  # IPv4 has d.d; every IPv6 form has two colons
+    "URL_CREDENTIALS": r"://\S*@",
+    "SECRET": "|".join([SECRET_KEYWORDS] + [re.escape(p) for p in SECRET_PREFIXES]),
+}
+
+
+@Language.component("ftflow_lower_lemma")
+def _lower_lemma(doc):  # type: ignore[no-untyped-def]
+    """Lowercase lemmas, so Presidio's context words ('ssn', 'phone') work without a model."""
+    doc.from_array([LEMMA], doc.to_array([LOWER]).reshape(-1, 1))  # vectorised: no token loop
+    return doc
+
+
+def longest_digit_run(text: str) -> int:
+    """Most digits in one stretch where digits are at most 4 separator characters apart.
+
+    A superset of how phonenumbers' matcher, the credit-card and the SSN patterns group digits,
+    so a text whose longest run is shorter than an entity's minimum cannot hold that entity.
+    """
+    return max((sum(ch.isdigit() for ch in m.group()) for m in _DIGIT_RUN.finditer(text)),
+               default=0)
+
+
+class _PhoneRecognizer(PhoneRecognizer):
+    """Presidio's phone recogniser, skipping regions whose shortest number cannot fit the text,
+    and dropping digit lists like '1 2 3 4 5 6 7 8 9 10'."""
+
+    def __init__(self, regions: tuple[str, ...]) -> None:
+        super().__init__(supported_regions=regions, leniency=1)
+        intl = min_intl_phone_digits()
+        self.min_digits = {r: min(national_phone_digits(r), intl) for r in regions}
+
+    def analyze(self, text: str, entities: list[str],
+                nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
+        run = longest_digit_run(text)
+        results = []
+        for region in self.supported_regions:
+            if run < self.min_digits[region]:
+                continue
+            for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=self.leniency):
+                if sum(len(g) == 1 for g in re.findall(r"\d+", match.raw_string)) <= 2:
+                    results.append(self._get_recognizer_result(match, text, region, nlp_artifacts))
+        return EntityRecognizer.remove_duplicates(results)
+
+
+def national_phone_digits(region: str, calling_code: int = 0) -> int:
+    """Fewest digits of a valid national number in `region` (phonenumbers metadata)."""
+    md = phonenumbers.PhoneMetadata.metadata_for_region_or_calling_code(calling_code, region)
+    return min((n for n in (md.general_desc.possible_length if md else ()) if n > 0), default=1)
+
+
+@functools.cache
+def min_intl_phone_digits() -> int:
+    """Fewest digits of any valid "+<country code>" number, over every country code."""
+    return min(len(str(cc)) + national_phone_digits(region, cc)
+               for cc, regions in phonenumbers.COUNTRY_CODE_TO_REGION_CODE.items()
+               for region in regions)
+
+
+@dataclass(frozen=True)
+class PiiEngine:
+    """One analyzer + anonymizer, the active entity types and the pre-screen derived from them."""
+
+    analyzer: AnalyzerEngine
+    batch: BatchAnalyzerEngine
+    anonymizer: AnonymizerEngine
+    entities: tuple[str, ...]
+    screen: Callable[[str], bool]
+
+
+def _load_nlp(model: str) -> tuple[Language, bool]:
+    """The spaCy pipeline for tokens (and NER when `model` names one); fails loud if missing."""
+    if not model:
+        nlp = spacy.blank("en")
+    else:
+        if not (spacy.util.is_package(model) or Path(model).exists()):
+            raise ValueError(f"pii.spacy_model '{model}' is neither an installed spaCy package "
+                             "nor a pipeline folder; clear it to run without PERSON/LOCATION")
+        nlp = spacy.load(model)
+        if not any(nlp.get_pipe_meta(n).factory in NER_FACTORIES for n in nlp.pipe_names):
+            raise ValueError(f"pii.spacy_model '{model}' has no NER component "
+                             f"(pipes: {nlp.pipe_names})")
+    if "lemmatizer" not in nlp.pipe_names:
+        nlp.add_pipe("ftflow_lower_lemma")
+    return nlp, bool(model)
+
+
+def _recognizers(entities: set[str], deny_list: tuple[str, ...],
+                 regions: tuple[str, ...], ner: bool) -> list[EntityRecognizer]:
+    builders: dict[str, Callable[[], EntityRecognizer]] = {
+        "EMAIL_ADDRESS": EmailRecognizer,
+        "PHONE_NUMBER": lambda: _PhoneRecognizer(regions),
+        "CREDIT_CARD": CreditCardRecognizer,
+        "US_SSN": UsSsnRecognizer,
+        "IBAN_CODE": IbanRecognizer,
+        "IP_ADDRESS": IpRecognizer,
+        "URL_CREDENTIALS": lambda: PatternRecognizer(
+            "URL_CREDENTIALS", name="UrlCredentialsRecognizer",
+            patterns=[URL_CREDENTIALS_PATTERN]),
+        "SECRET": lambda: PatternRecognizer(
+            "SECRET", name="SecretRecognizer", patterns=SECRET_PATTERNS),
+    }
+    out = [build() for name, build in builders.items() if name in entities]
+    if ner:
+        out.append(SpacyRecognizer(supported_entities=[e for e in NER_ENTITIES if e in entities]))
+    if deny_list and "PERSON" in entities:
+        out.append(PatternRecognizer("PERSON", name="PersonDenyList", deny_list=list(deny_list)))
+    return out
+
+
+def _build_screen(entities: set[str], regions: tuple[str, ...], deny_list: tuple[str, ...],
+                  ner: bool) -> Callable[[str], bool]:
+    """A cheap test that is False only for texts no active recogniser could match."""
+    if ner:
+        return lambda text: True
+    min_digits = [MIN_DIGITS[e] for e in entities if e in MIN_DIGITS]
+    if "PHONE_NUMBER" in entities:
+        min_digits.append(min(min_intl_phone_digits(),
+                              *(national_phone_digits(r) for r in regions)))
+    regexes = [SCREENS[e] for e in entities if e in SCREENS]
+    if deny_list and "PERSON" in entities:
+        regexes.append("|".join(re.escape(w) for w in deny_list))
+    pattern = re.compile("|".join(f"(?:{r})" for r in regexes), re.IGNORECASE) if regexes else None
+    need = min(min_digits, default=None)
+
+    def screen(text: str) -> bool:
+        if pattern is not None and pattern.search(text):
+            return True
+        return need is not None and longest_digit_run(text) >= need
+
+    return screen
+
+
+@functools.lru_cache(maxsize=4)
+def _engine(entities: tuple[str, ...], spacy_model: str, deny_list: tuple[str, ...],
+            regions: tuple[str, ...]) -> PiiEngine:
+    unknown = [r for r in regions if r not in phonenumbers.SUPPORTED_REGIONS]
+    if unknown:
+        raise ValueError(f"pii.phone_regions: unknown region codes {unknown}")
+    nlp, ner = _load_nlp(spacy_model)
+    wanted = set(entities)
+    active = wanted - set(NER_ENTITIES)
+    if ner:
+        active |= wanted & set(NER_ENTITIES)
+    if deny_list and "PERSON" in wanted:
+        active.add("PERSON")
+    nlp_engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": spacy_model or "blank"}])
+    nlp_engine.nlp = {"en": nlp}  # preloaded: Presidio would otherwise try to download a model
+    registry = RecognizerRegistry(_recognizers(active, deny_list, regions, ner))
+    analyzer = AnalyzerEngine(registry=registry, nlp_engine=nlp_engine)
+    order = [e for e in PLACEHOLDERS if e in active]
+    inactive = sorted(wanted - active)
+    logger.info("pii: active entity types: %s%s", ", ".join(order),
+                f" (inactive, need pii.spacy_model or deny_list_persons: {', '.join(inactive)})"
+                if inactive else "")
+    return PiiEngine(analyzer, BatchAnalyzerEngine(analyzer), AnonymizerEngine(), tuple(order),
+                     _build_screen(active, regions, deny_list, ner))
+
+
+def get_engine(cfg: PiiConfig) -> PiiEngine:
+    """The (cached) engine for this config."""
+    return _engine(tuple(cfg.entities), cfg.spacy_model, tuple(cfg.deny_list_persons),
+                   tuple(cfg.phone_regions))
+
+
+def _luhn_fake(n: int) -> str:
+    body = f"400000000000{n % 1000:03d}"
+    total = 0
+    for i, ch in enumerate(reversed(body)):
+        d = int(ch) * (2 if i % 2 == 0 else 1)
+        total += d - 9 if d > 9 else d
+    digits = body + str((10 - total % 10) % 10)
+    return " ".join(digits[i:i + 4] for i in range(0, 16, 4))
+
+
+def fake_value(entity: str, value: str, n: int) -> str:
+    """The n-th pseudonym of an entity type: shaped like the real thing, never a real one."""
+    fakes: dict[str, Callable[[], str]] = {
+        "EMAIL_ADDRESS": lambda: f"user{n}@example.com",
+        "PHONE_NUMBER": lambda: f"+1-555-01{n % 100:02d}",  # 555-0100..0199 are fictional
+        "CREDIT_CARD": lambda: _luhn_fake(n),
+        "US_SSN": lambda: f"900-00-{n % 10000:04d}",  # group 00 is never issued
+        "IBAN_CODE": lambda: f"XX00 TEST 0000 {n % 10000:04d}",
+        "IP_ADDRESS": lambda: f"2001:db8::{n:x}" if ":" in value else f"192.0.2.{n % 256}",
+        "URL_CREDENTIALS": lambda: f"user{n}:password{n}@host{n}.example.com",
+    }
+    return fakes.get(entity, lambda: f"<{entity.split('_')[0]}_{n}>")()
+
+
+def mask(entity: str, value: str) -> str:
+    """A view of a redacted value safe to show in a report: never the full value."""
+    if entity == "EMAIL_ADDRESS" and "@" in value:
+        local, domain = value.rsplit("@", 1)
+        tld = domain.rsplit(".", 1)[-1] if "." in domain else ""
+        return f"{local[:1]}***@{domain[:1]}***.{tld}"
+    if entity in ("PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "IP_ADDRESS"):
+        return "***" + value[-2:]
+    if entity in NER_ENTITIES:
+        return value[:1] + "***"
+    return f"*** ({len(value)} chars)"
+
+
+def _norm_key(entity: str, value: str) -> str:
+    if entity in ("PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE"):
+        return re.sub(r"[^0-9A-Za-z]", "", value).upper()
+    return " ".join(value.lower().split())
+
+
+@dataclass
+class _Redactor:
+    """Replaces the values of one record; the value->fake map lives only in memory."""
+
+    mode: str
+    fakes: dict[tuple[str, str], str] = field(default_factory=dict)
+    per_type: Counter[str] = field(default_factory=Counter)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # entity, value, new
+
+    def replace(self, entity: str, value: str) -> str:
+        if self.mode == "placeholder":
+            new = PLACEHOLDERS.get(entity, f"<{entity}>")
+        else:
+            key = (entity, _norm_key(entity, value))
+            if key not in self.fakes:
+                self.per_type[entity] += 1
+                self.fakes[key] = fake_value(entity, value, self.per_type[entity])
+            new = self.fakes[key]
+        self.events.append((entity, value, new))
+        return new
+
+    def operators(self, entities: Iterable[str]) -> dict[str, OperatorConfig]:
+        return {e: OperatorConfig("custom", {"lambda": functools.partial(self.replace, e)})
+                for e in entities}
+
+
+@dataclass
+class _Stats:
+    entities: Counter[str] = field(default_factory=Counter)
+    records_with_pii: int = 0
+    texts_screened_out: int = 0
+    texts_analyzed: int = 0
+    sample: list[dict[str, str]] = field(default_factory=list)
+
+
+def _analyze(texts: list[str], engine: PiiEngine, cfg: PiiConfig,
+             stats: _Stats) -> list[list[RecognizerResult]]:
+    """Analyzer results per text; texts the screen rules out are never analysed."""
+    todo = [i for i, t in enumerate(texts) if engine.screen(t)]
+    stats.texts_screened_out += len(texts) - len(todo)
+    stats.texts_analyzed += len(todo)
+    results: list[list[RecognizerResult]] = [[] for _ in texts]
+    found = engine.batch.analyze_iterator(
+        [texts[i] for i in todo], language="en", batch_size=cfg.batch_size,
+        entities=list(engine.entities), score_threshold=cfg.score_threshold)
+    for i, res in zip(todo, found, strict=True):
+        results[i] = res
+    return results
+
+
+def _scrub_chunk(chunk: list[ChatSample], engine: PiiEngine, cfg: PiiConfig,
+                 stats: _Stats) -> Iterator[ChatSample]:
+    texts = [t for rec in chunk for t in rec.texts()]
+    results = iter(_analyze(texts, engine, cfg, stats))
+    for rec in chunk:
+        redactor = _Redactor(cfg.mode)
+        operators = redactor.operators(engine.entities)
+        new_texts = []
+        for text in rec.texts():
+            found = next(results)
+            new_texts.append(engine.anonymizer.anonymize(text, found, operators).text
+                             if found else text)
+        if not redactor.events:
+            yield rec
+            continue
+        counts = Counter(entity for entity, _, _ in redactor.events)
+        stats.entities.update(counts)
+        stats.records_with_pii += 1
+        for entity, value, new in redactor.events:
+            if len(stats.sample) < cfg.sample_size:
+                stats.sample.append({"id": rec.id, "entity": entity, "replacement": new,
+                                     "masked": mask(entity, value)})
+        out = rec.with_texts(new_texts)
+        yield out.model_copy(update={"meta": {**rec.meta, "pii": dict(sorted(counts.items()))}})
+
+
+def _chunks(items: Iterable[ChatSample | Quarantined],
+            writer: StageWriter) -> Iterator[list[ChatSample]]:
+    """Group records for batch analysis; quarantined inputs go straight to the writer."""
+    chunk: list[ChatSample] = []
+    for item in items:
+        if isinstance(item, Quarantined):
+            writer.quarantine(item)
+            continue
+        chunk.append(item)
+        if len(chunk) >= CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _heldout(input_path: str | Path | list[str]) -> Iterator[ChatSample]:
+    if not isinstance(input_path, list) and is_stage_dir(input_path):
+        yield from read_records(input_path, "heldout")
+
+
+def run_pii(input_path: str | Path, out_dir: str | Path, cfg: PiiConfig, *,
+            home: str | Path) -> Manifest:
+    """Redact PII and secrets in every message (train and held-out), keeping every record."""
+    digests = input_digests(input_path)
+    cdig = cfg.digest()
+    if up_to_date(out_dir, digests, cdig):
+        return Manifest.read(out_dir)
+    engine = get_engine(cfg)
+    writer = StageWriter(out_dir, "pii")
+    stats = _Stats()
+    records_in = 0
+    for split, items in (("train", iter_input(input_path)), ("eval", _heldout(input_path))):
+        for chunk in _chunks(items, writer):
+            records_in += len(chunk)
+            for rec in _scrub_chunk(chunk, engine, cfg, stats):
+                writer.keep(rec, split=split)
+    records_in += writer.manifest.quarantined
+    sample_path = Path(out_dir) / SAMPLE_NAME
+    sample_path.write_text("".join(json.dumps(row) + "\n" for row in stats.sample))
+    metrics = {f"pii.{e}": float(n) for e, n in sorted(stats.entities.items())}
+    metrics.update({"pii.records_with_pii": float(stats.records_with_pii),
+                    "pii.texts_screened_out": float(stats.texts_screened_out),
+                    "pii.texts_analyzed": float(stats.texts_analyzed)})
+    logger.info("pii: %d records, %d with PII, %d/%d texts skipped by the pre-screen",
+                records_in, stats.records_with_pii, stats.texts_screened_out,
+                stats.texts_screened_out + stats.texts_analyzed)
+    return writer.finish(records_in, input_digests=digests, config_digest=cdig, metrics=metrics,
+                         info={"entities": list(engine.entities), "mode": cfg.mode,
+                               "redactions_sample": str(sample_path)})
+
+
+pii_task = task(name="pii", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])(run_pii)

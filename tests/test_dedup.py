@@ -1,0 +1,153 @@
+"""Stage 3: held-out split, exact + MinHash near dedup and decontamination, on planted records."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+from data_contracts.config import DedupConfig
+from data_contracts.manifest import Manifest
+from data_contracts.records import ChatSample, Message
+from tasks.dedup import normalize, run_dedup, shingles
+from tasks.io import StageWriter, read_records
+
+VOCAB = [f"w{i}" for i in range(400)] + "the a of to and in on for with data model".split()
+
+
+def _words(seed: int, n: int = 120) -> list[str]:
+    rng = random.Random(seed)
+    return [rng.choice(VOCAB) for _ in range(n)]
+
+
+def _chat(rid: str, words: list[str] | str) -> ChatSample:
+    text = words if isinstance(words, str) else " ".join(words)
+    return ChatSample(id=rid, messages=[Message(role="user", content=text),
+                                        Message(role="assistant", content="Sure.")])
+
+
+def _stage_dir(path: Path, train: list[ChatSample], heldout: list[ChatSample] = ()) -> Path:
+    """A previous stage's output, written by the real writer."""
+    writer = StageWriter(path, "pii")
+    for rec in train:
+        writer.keep(rec)
+    for rec in heldout:
+        writer.keep(rec, split="eval")
+    writer.finish(len(train) + len(heldout), input_digests={}, config_digest="test")
+    return path
+
+
+def _removed(stage_dir: Path) -> dict[str, dict]:
+    path = stage_dir / "deduplicated.jsonl.gz"
+    if not path.exists():
+        return {}
+    with gzip.open(path, "rt") as fh:
+        rows = [json.loads(line) for line in fh]
+    return {row["record"]["id"]: row for row in rows}
+
+
+def _ids(stage_dir: Path, split: str = "data") -> list[str]:
+    return [r.id for r in read_records(stage_dir, split)]
+
+
+NO_SPLIT = DedupConfig(eval_fraction=0.0)
+
+
+def test_normalize_and_short_text_shingles():
+    assert normalize("  Hello,   WORLD!\n It's  me. ") == "hello world its me"
+    assert shingles("a b c", 5) == {b"a b c"}
+    assert len(shingles(" ".join("abcdefg"), 5)) == 3
+
+
+def test_exact_and_near_duplicates_removed_naming_kept(tmp_path: Path):
+    base = _words(1)
+    near = list(base)
+    near[60] = "CHANGED"
+    train = [
+        _chat("orig", base),
+        _chat("exact", "  " + " ".join(w.upper() for w in base) + " !!"),  # case/space/punct
+        _chat("near", near),
+        _chat("distinct", _words(2)),
+        _chat("short-1", "Hello there!"),
+        _chat("short-2", "hello,   THERE"),
+    ]
+    out = tmp_path / "03-dedup"
+    m = run_dedup(_stage_dir(tmp_path / "in", train), out, NO_SPLIT, home=tmp_path)
+    m.check()
+    assert _ids(out) == ["orig", "distinct", "short-1"]
+    removed = _removed(out)
+    assert removed["exact"]["kind"] == "exact" and removed["exact"]["dup_of"] == "orig"
+    assert removed["short-2"]["kind"] == "exact" and removed["short-2"]["dup_of"] == "short-1"
+    assert removed["near"]["kind"] == "near" and removed["near"]["dup_of"] == "orig"
+    assert 0.8 <= removed["near"]["jaccard"] < 1.0
+    assert (m.records_in, m.kept, m.deduplicated) == (6, 3, 3)
+    assert m.metrics == {"dedup.exact": 2.0, "dedup.near": 1.0, "dedup.eval_contamination": 0.0}
+    assert m.splits == {"train": 3}
+
+
+def test_train_copies_of_eval_are_removed_as_contamination(tmp_path: Path):
+    leaked = _words(10)
+    paraphrase = list(leaked)
+    paraphrase[5] = "CHANGED"
+    heldout = [_chat("eval-a", leaked), _chat("eval-b", _words(11)),
+               _chat("eval-a-again", leaked)]
+    train = [_chat("t1", _words(12)), _chat("t-copy", leaked), _chat("t-para", paraphrase),
+             _chat("t2", _words(13))]
+    out = tmp_path / "out"
+    m = run_dedup(_stage_dir(tmp_path / "in", train, heldout), out, DedupConfig(), home=tmp_path)
+    m.check()
+    assert m.info["heldout"] == "reused"  # no re-split of an existing held-out set
+    assert _ids(out, "heldout") == ["eval-a", "eval-b"]
+    assert _ids(out) == ["t1", "t2"]
+    removed = _removed(out)
+    assert removed["eval-a-again"]["kind"] == "exact"  # dedup within eval too
+    assert removed["t-copy"] == {**removed["t-copy"], "kind": "eval_contamination",
+                                 "dup_of": "eval-a", "jaccard": 1.0}
+    assert removed["t-para"]["kind"] == "eval_contamination"
+    assert removed["t-para"]["dup_of"] == "eval-a"
+    assert m.splits == {"train": 2, "eval": 2}
+    assert m.metrics["dedup.eval_contamination"] == 2.0 and m.metrics["dedup.exact"] == 1.0
+    assert (m.records_in, m.deduplicated) == (7, 3)
+
+
+def test_split_is_carved_deterministically_before_dedup(tmp_path: Path):
+    train = [_chat(f"r{i:02d}", _words(100 + i, 40)) for i in range(40)]
+    train.append(ChatSample(id="doc", text=" ".join(_words(999, 40))))  # text: never eval
+    src = _stage_dir(tmp_path / "in", train)
+    cfg = DedupConfig(eval_fraction=0.25, eval_max=200)
+    run_dedup(src, tmp_path / "a", cfg, home=tmp_path, seed=42)
+    run_dedup(src, tmp_path / "b", cfg, home=tmp_path, seed=42)
+    run_dedup(src, tmp_path / "c", cfg, home=tmp_path, seed=7)
+    eval_a = _ids(tmp_path / "a", "heldout")
+    assert len(eval_a) == 10 and "doc" not in eval_a
+    assert eval_a == _ids(tmp_path / "b", "heldout")
+    assert set(eval_a) != set(_ids(tmp_path / "c", "heldout"))
+    m = Manifest.read(tmp_path / "a").check()
+    assert m.splits == {"train": 31, "eval": 10} and m.info["heldout"] == "carved"
+    assert set(_ids(tmp_path / "a")) | set(eval_a) == {r.id for r in train}
+    capped = run_dedup(src, tmp_path / "d", DedupConfig(eval_fraction=0.25, eval_max=3),
+                       home=tmp_path)
+    assert capped.splits["eval"] == 3
+
+
+def test_rerun_on_a_dir_with_heldout_reuses_it(tmp_path: Path):
+    train = [_chat(f"r{i:02d}", _words(200 + i, 30)) for i in range(20)]
+    first = tmp_path / "03-dedup"
+    run_dedup(_stage_dir(tmp_path / "in", train), first, DedupConfig(eval_fraction=0.2),
+              home=tmp_path)
+    second = tmp_path / "06-dedup-synthetic"
+    m = run_dedup(first, second, DedupConfig(eval_fraction=0.5), home=tmp_path, seed=1)
+    assert m.info["heldout"] == "reused"
+    assert _ids(second, "heldout") == _ids(first, "heldout") and len(_ids(first, "heldout")) == 4
+    assert _ids(second) == _ids(first)
+    assert (m.records_in, m.kept, m.deduplicated) == (20, 20, 0)
+
+
+def test_unchanged_input_is_skipped(tmp_path: Path):
+    src = _stage_dir(tmp_path / "in", [_chat("a", _words(1)), _chat("b", _words(1))])
+    first = run_dedup(src, tmp_path / "out", NO_SPLIT, home=tmp_path)
+    again = run_dedup(src, tmp_path / "out", NO_SPLIT, home=tmp_path)
+    assert again.started_at == first.started_at and again.deduplicated == 1
+    reseeded = run_dedup(src, tmp_path / "out", NO_SPLIT, home=tmp_path, seed=3)
+    assert reseeded.config_digest != first.config_digest
