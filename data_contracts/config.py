@@ -48,14 +48,26 @@ class RunConfig(_Section):
 
 
 class IngestConfig(_Section):
-    inputs: list[str] = Field(default_factory=lambda: ["sample_data/*.jsonl", "sample_data/*.csv"])
-    languages: list[str] = Field(default_factory=lambda: ["en"])
+    inputs: list[str] = Field(default_factory=lambda: [
+        "sample_data/*.jsonl", "sample_data/*.csv", "sample_data/*.parquet"])
+    languages: list[str] = Field(default_factory=lambda: ["en"])  # []: any, if identified
     language_threshold: float = Field(0.65, ge=0.0, le=1.0)
     lid_model: str = ""  # path to lid.176.ftz/bin; default: <home>/assets/lid.176.ftz
-    min_words: int = Field(3, ge=0)
+    repair_encoding: bool = True  # fix mojibake with ftfy before the filters judge the text
+    min_words: int = Field(3, ge=0)  # words with a letter or digit, over all turns
     max_chars: int = Field(20_000, gt=0)
     gopher_quality: bool = True
+    # Gopher's web-page thresholds, adapted to chat: a support exchange is often 15 words.
+    gopher_min_doc_words: int = Field(5, ge=1)  # >= 1: Gopher divides by the word count
+    # English stop words (the, to, and, ...): Gopher wants 2, a one-line answer may hold one.
+    # Applied only when languages == ["en"].
+    gopher_min_stop_words: int = Field(1, ge=0)
+    # Gopher: 80% of words hold a letter; datatrove counts punctuation tokens as words, which
+    # puts clean support answers ("Settings > Billing", "5 to 7 days") near 0.8.
+    gopher_min_alpha_words_ratio: float = Field(0.65, ge=0.0, le=1.0)
     gopher_repetition: bool = True
+    repetition_dup_line_frac: float = Field(0.3, gt=0.0, le=1.0)
+    repetition_top_ngram_frac: float = Field(0.3, gt=0.0, le=1.0)  # Gopher: 0.20 for 2-grams
     refusal_filter: bool = False  # refusal examples are wanted data: off by default
     refusal_patterns: list[str] = Field(
         default_factory=lambda: [r"\bas an ai language model\b", r"\bi cannot (help|assist) with\b"]
@@ -63,16 +75,26 @@ class IngestConfig(_Section):
 
 
 class PiiConfig(_Section):
-    entities: list[str] = Field(
+    # PERSON/LOCATION need spacy_model (NER) or deny_list_persons; listing them alone adds nothing.
+    entities: list[Literal[
+        "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE", "IP_ADDRESS",
+        "URL_CREDENTIALS", "SECRET", "PERSON", "LOCATION",
+    ]] = Field(
         default_factory=lambda: [
             "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "US_SSN", "IBAN_CODE",
-            "IP_ADDRESS", "URL_CREDENTIALS", "SECRET",
+            "IP_ADDRESS", "URL_CREDENTIALS", "SECRET", "PERSON", "LOCATION",
         ]
     )
     mode: Literal["placeholder", "pseudonym"] = "placeholder"
     score_threshold: float = Field(0.4, ge=0.0, le=1.0)
     spacy_model: str = ""  # an installed spaCy pipeline with NER enables PERSON/LOCATION
     deny_list_persons: list[str] = Field(default_factory=list)
+    # Regions whose national phone formats are recognised; "+<country code>" numbers always are.
+    phone_regions: list[str] = Field(
+        default_factory=lambda: ["US", "GB", "DE", "FR", "IL", "IN", "CA", "BR", "AU"]
+    )
+    batch_size: int = Field(64, gt=0)  # texts per spaCy batch
+    sample_size: int = Field(50, ge=0)  # rows in redactions_sample.jsonl
 
 
 class DedupConfig(_Section):
@@ -81,7 +103,7 @@ class DedupConfig(_Section):
     ngram: int = Field(5, ge=1)
     num_perm: int = Field(128, ge=16)
     threshold: float = Field(0.8, gt=0.0, le=1.0)
-    executor: Literal["local", "datatrove-local", "datatrove-slurm", "datatrove-ray"] = "local"
+    executor: Literal["local"] = "local"  # datatrove executors (slurm, ray): future work
 
 
 class TeacherConfig(_Section):
@@ -89,16 +111,21 @@ class TeacherConfig(_Section):
     model: str = "builtin:tiny-llama"  # a hub id, a local path, or builtin:tiny-llama
     base_url: str = ""  # OpenAI-compatible endpoint, for kind=openai
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
-    temperature: float = 0.7
+    temperature: float = Field(0.7, ge=0.0)
     max_new_tokens: int = Field(96, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # transformers teacher only
 
 
 class AugmentConfig(_Section):
     enabled: bool = True
     max_seed_records: int = Field(16, ge=0)
+    seed: int = 0  # which train records become seeds (deterministic for a given seed)
+    batch_size: int = Field(8, gt=0)  # rows per teacher batch
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    # Validation of every generation: failures are filtered as synthetic_invalid.
     min_words: int = Field(4, ge=0)
     max_chars: int = Field(4000, gt=0)
+    min_printable_ratio: float = Field(0.95, ge=0.0, le=1.0)
 
 
 class LoraConfig(_Section):
@@ -123,6 +150,9 @@ class TrainConfig(_Section):
     max_steps: int = -1
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
+    # auto: paged_adamw_8bit on CUDA; adamw_torch on CPU, where bitsandbytes' 8-bit AdamW runs
+    # but ~10x slower per step and LoRA's optimizer state is small anyway. Any transformers name.
+    optimizer: str = "auto"
     max_length: int = Field(512, gt=0)
     assistant_only_loss: bool = True
     packing: bool = False
@@ -132,19 +162,35 @@ class TrainConfig(_Section):
     logging_steps: int = Field(5, gt=0)
 
 
+EVAL_METRICS = (
+    "ftflow_heldout_ppl.word_perplexity", "ftflow_heldout_ppl.byte_perplexity",
+    "ftflow_heldout_ppl.bits_per_byte", "ftflow_heldout_mc.acc", "ftflow_heldout_mc.acc_norm",
+)
+
+
 class EvaluateConfig(_Section):
     max_samples: int = Field(100, gt=0)
     num_choices: int = Field(4, ge=2)
     batch_size: int = Field(8, gt=0)
-    gate_metric: str = "heldout_ppl/word_perplexity"
+    seed: int = 0  # picks the multiple-choice distractors
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gate_metric: str = "ftflow_heldout_ppl.word_perplexity"  # one of EVAL_METRICS
     gate_min_improvement: float = 0.0  # relative: 0.05 = tuned must beat base by 5%
+
+    @field_validator("gate_metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in EVAL_METRICS:
+            raise ValueError(f"must be one of {', '.join(EVAL_METRICS)}")
+        return v
 
 
 class ExportConfig(_Section):
     model_name: str = "ftflow-demo"
     alias: str = "candidate"
-    merge: bool = True
     register_if_gate_fails: bool = False
+    experiment: str = "ftflow"  # used only when no parent run is given
+    max_new_tokens: int = Field(64, gt=0)  # default reply length of the served model
 
 
 class PipelineConfig(BaseModel):

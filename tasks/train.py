@@ -1,0 +1,472 @@
+"""Stage 5: QLoRA (or plain LoRA) supervised fine-tuning with trl's SFTTrainer.
+
+Reads the train split (``data-*``) and the held-out split (``heldout-*``) of the previous stage,
+trains a LoRA adapter on a 4-bit NF4 base (bitsandbytes; on CPU too), resumes from the last
+checkpoint after a crash, and writes ``adapter/`` and a full-precision ``merged/`` model, both
+safetensors with the chat template, plus ``history.jsonl`` (the trainer's log) for MLflow.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import resource
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from data_contracts.config import TrainConfig
+from data_contracts.manifest import Manifest
+from data_contracts.records import ChatSample
+from tasks.base_model import CHATML_TEMPLATE, resolve_base_model
+from tasks.io import StageWriter, input_digests, read_records, up_to_date
+
+log = logging.getLogger(__name__)
+
+STAGE = "train"
+ADAPTER_DIR, MERGED_DIR, CHECKPOINT_DIR = "adapter", "merged", "checkpoints"
+HISTORY_FILE = "history.jsonl"
+FINGERPRINT_FILE = "ftflow_fingerprint.json"
+# Settings that may change between a killed run and its resumption without invalidating the
+# checkpoints: how long to train and how often to log, evaluate and save.
+RESUMABLE_FIELDS = {"epochs", "max_steps", "eval_steps", "save_steps", "logging_steps"}
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+    "{% else %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+ALPACA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+    "{% else %}{{ '### Response:\n' }}"
+    "{% generation %}{{ message['content'] + (eos_token or '') }}{% endgeneration %}{{ '\n\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
+)
+NAMED_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama-3": LLAMA3_TEMPLATE, "alpaca": ALPACA_TEMPLATE}
+# Marker strings each named template expects to be single tokens, and its end-of-turn token.
+TEMPLATE_TOKENS = {
+    "chatml": ["<|im_start|>", "<|im_end|>"],
+    "llama-3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "alpaca": [],
+}
+END_OF_TURN = {"chatml": "<|im_end|>", "llama-3": "<|eot_id|>"}
+
+
+# --- records -------------------------------------------------------------------------------
+
+def _row(rec: ChatSample) -> dict[str, Any]:
+    if rec.kind == "chat":
+        return {"messages": [m.model_dump() for m in rec.messages]}
+    return {"text": rec.text}
+
+
+def _select_records(input_path: str | Path, writer: StageWriter, tokenizer: Any,
+                    cfg: TrainConfig, training_template: str | None,
+                    can_mask: bool) -> tuple[list[ChatSample], list[ChatSample], int, str]:
+    """Split the input into train/eval records of one kind; every other record is dropped."""
+    train = list(read_records(input_path, "data"))
+    heldout = list(read_records(input_path, "heldout"))
+    # Chat records win: a text record in a chat run has no assistant turn to learn from.
+    kind = "chat" if any(r.kind == "chat" for r in train) else "text"
+    assistant_only = can_mask and kind == "chat"
+    used: dict[str, list[ChatSample]] = {"train": [], "eval": []}
+    for split, records in (("train", train), ("eval", heldout)):
+        for rec in records:
+            if rec.kind != kind:
+                writer.drop(rec, f"{rec.kind}_in_{kind}_run", split=split)
+            elif assistant_only and not _assistant_in_window(rec, tokenizer, cfg.max_length,
+                                                             training_template):
+                # trl would silently drop it: the prompt alone fills max_length.
+                writer.drop(rec, "no_assistant_tokens_within_max_length", split=split,
+                            max_length=cfg.max_length)
+            else:
+                writer.keep(rec, split)
+                used[split].append(rec)
+    if not used["train"]:
+        raise ValueError(f"{input_path}: no usable training records (kind {kind})")
+    return used["train"], used["eval"], len(train) + len(heldout), kind
+
+
+def _assistant_in_window(rec: ChatSample, tokenizer: Any, max_length: int,
+                         template: str | None) -> bool:
+    out = tokenizer.apply_chat_template(
+        _row(rec)["messages"], tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True, chat_template=template,
+    )
+    return any(out["assistant_masks"][:max_length])
+
+
+# --- tokenizer and chat template -------------------------------------------------------------
+
+def _prepare_tokenizer(base: str, cfg: TrainConfig) -> tuple[Any, str]:
+    """Load the tokenizer and fix its chat template: its own, or a named one we define."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.trust_remote_code)
+    name = cfg.chat_template
+    if name == "auto" and tokenizer.chat_template:
+        source = "tokenizer"
+    else:
+        if name == "auto":
+            log.warning("%s has no chat template; using chatml", base)
+            name = "chatml"
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in TEMPLATE_TOKENS[name] if t not in vocab]
+        if missing:
+            log.warning("chat template %s: %s are not tokens of this vocabulary and will be split "
+                        "into pieces", name, missing)
+        tokenizer.chat_template = NAMED_TEMPLATES[name]
+        source = name
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, source
+
+
+def _training_template(tokenizer: Any) -> tuple[str | None, str | None]:
+    """The template trl will tokenize with for assistant-only loss, or why it cannot mask.
+
+    Returns (template or None when the tokenizer's own one has generation markers, problem).
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return None, None
+    try:
+        return get_training_chat_template(tokenizer), None
+    except ValueError as err:
+        return None, f"chat template has no {{% generation %}} markers and trl cannot patch it: {err}"
+
+
+# --- model -----------------------------------------------------------------------------------
+
+def _compute_dtype(cuda: bool) -> Any:
+    import torch
+
+    if cuda:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # On CPU fp32 is the safe default: bf16 autocast is slower on CPUs without AMX/avx512_bf16.
+    return torch.float32
+
+
+def _probe(model: Any) -> None:
+    """One small batched forward, so a 4-bit kernel that cannot run here fails now, not later."""
+    import torch
+
+    ids = torch.ones((2, 8), dtype=torch.long, device=model.device)
+    with torch.no_grad():
+        model(input_ids=ids)
+
+
+def _keep_4bit_trainable(model: Any) -> None:
+    """Stop bitsandbytes (0.50, CPU with AVX512-BF16) repacking 4-bit weights for inference.
+
+    An eval-mode forward without grad (our probe, every evaluation) repacks a Linear4bit's weight
+    into a bf16 inference layout for good; its kernel has no autograd, so later training steps
+    backpropagate wrongly through every base layer (gradients of early LoRA layers ~10x too small).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _load_model(base: str, cfg: TrainConfig, cuda: bool) -> tuple[Any, bool, str | None]:
+    """The base model in 4-bit NF4 (qlora) or unquantized (lora, or when bitsandbytes fails)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = _compute_dtype(cuda)
+    common = {"trust_remote_code": cfg.trust_remote_code}
+    fallback_reason = None
+    if cfg.method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401  (a broken install fails here, not mid-load)
+
+            bnb = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype,
+            )
+            device_map = {"": 0} if cuda else None
+            model = AutoModelForCausalLM.from_pretrained(
+                base, quantization_config=bnb, dtype=dtype, device_map=device_map, **common)
+            _keep_4bit_trainable(model)
+            _probe(model)
+            return model, True, None
+        except Exception as err:  # any bitsandbytes failure: train unquantized instead
+            fallback_reason = f"{type(err).__name__}: {err}"
+            log.warning("4-bit loading with bitsandbytes failed (%s); training plain "
+                        "LoRA without quantization", fallback_reason)
+            gc.collect()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **common)
+    return model, False, fallback_reason
+
+
+def _optimizer(cfg: TrainConfig, cuda: bool, fallback_reason: str | None) -> str:
+    """Paged 8-bit AdamW on CUDA; on CPU plain AdamW (bnb's 8-bit one runs there, ~10x slower)."""
+    if cfg.optimizer != "auto":
+        return cfg.optimizer
+    if not cuda or fallback_reason is not None:
+        return "adamw_torch"  # also when bitsandbytes failed: do not lean on it again
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:
+        return "adamw_torch"
+    return "paged_adamw_8bit"
+
+
+def _count_linear4bit(model: Any) -> int:
+    try:
+        import bitsandbytes as bnb
+    except Exception:
+        return 0
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def _fingerprint(cfg: TrainConfig, digests: dict[str, str], seed: int) -> dict[str, Any]:
+    settings = cfg.model_dump(mode="json", exclude=RESUMABLE_FIELDS)
+    return {"config": settings, "inputs": digests, "seed": seed}
+
+
+def _resume_point(ckpt_dir: Path, fingerprint: dict[str, Any]) -> str | None:
+    """The last checkpoint of an interrupted run of the same job, else None (stale ones go)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    marker = ckpt_dir / FINGERPRINT_FILE
+    if ckpt_dir.is_dir():
+        same = marker.exists() and json.loads(marker.read_text()) == fingerprint
+        last = get_last_checkpoint(str(ckpt_dir)) if same else None
+        if last:
+            log.info("resuming from %s", last)
+            return last
+        if not same:
+            log.info("checkpoints in %s belong to another config or input; removing", ckpt_dir)
+            shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(fingerprint, sort_keys=True))
+    return None
+
+
+def _start_step_probe() -> Any:
+    from transformers import TrainerCallback
+
+    class StartStep(TrainerCallback):
+        """Records the step training starts from (after a checkpoint has been loaded)."""
+
+        step = 0
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.step = state.global_step
+
+    return StartStep()
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+def _merge(base: str, adapter_dir: Path, merged_dir: Path, tokenizer: Any,
+           cfg: TrainConfig, template_source: str) -> None:
+    """Reload the base unquantized, fold the adapter in, save safetensors + tokenizer."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype="auto", trust_remote_code=cfg.trust_remote_code)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    end = END_OF_TURN.get(template_source)
+    if end and end in tokenizer.get_vocab():
+        # The model must stop at the template's end of turn even when eos is another token.
+        eos = merged.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        end_id = tokenizer.convert_tokens_to_ids(end)
+        if end_id not in eos:
+            merged.generation_config.eos_token_id = [*eos, end_id]
+    shutil.rmtree(merged_dir, ignore_errors=True)
+    merged.save_pretrained(str(merged_dir))
+    tokenizer.save_pretrained(str(merged_dir))
+
+
+def _encode(tokenizer: Any, row: dict[str, Any]) -> list[int]:
+    if "messages" in row:
+        return list(tokenizer.apply_chat_template(row["messages"], tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(row["text"])["input_ids"])
+
+
+def _check_round_trip(merged_dir: Path, row: dict[str, Any], expected: list[int],
+                      cfg: TrainConfig) -> None:
+    """The saved tokenizer must render a training sample to the very ids we trained on."""
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(str(merged_dir),
+                                             trust_remote_code=cfg.trust_remote_code)
+    got = _encode(reloaded, row)
+    if got != expected:
+        at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
+                  min(len(got), len(expected)))
+        raise RuntimeError(
+            f"chat template round trip failed: the tokenizer saved in {merged_dir} encodes a "
+            f"training sample differently from the training tokenizer (first difference at "
+            f"token {at}: {got[at:at + 5]} vs {expected[at:at + 5]}); the exported model would "
+            "be prompted in a format it was not trained on")
+
+
+def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    with path.open("w") as fh:
+        for entry in history:
+            fh.write(json.dumps(entry) + "\n")
+
+
+def _last(history: list[dict[str, Any]], key: str) -> float | None:
+    values = [h[key] for h in history if key in h]
+    return float(values[-1]) if values else None
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+def _sft_config(cfg: TrainConfig, ckpt_dir: Path, cuda: bool, dtype: Any, optim: str,
+                has_eval: bool, assistant_only: bool, seed: int) -> Any:
+    import torch
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(ckpt_dir), max_length=cfg.max_length, packing=cfg.packing,
+        assistant_only_loss=assistant_only,
+        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a ratio
+        weight_decay=cfg.weight_decay, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        eval_strategy="steps" if has_eval else "no", eval_steps=cfg.eval_steps,
+        eval_on_start=has_eval,  # step 0: the base model's eval loss starts the curve
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        logging_steps=cfg.logging_steps, report_to=[], use_cpu=not cuda, optim=optim,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        seed=seed, data_seed=seed, disable_tqdm=True,
+    )
+
+
+def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
+              home: str | Path, seed: int = 42) -> Manifest:
+    """Fine-tune the base model with (Q)LoRA on the input's chat or text records."""
+    digests = input_digests(input_path)
+    cdig = cfg.digest()
+    out = Path(out_dir)
+    if up_to_date(out, digests, cdig) and (out / MERGED_DIR / "config.json").exists():
+        return Manifest.read(out)
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    base = resolve_base_model(cfg.base_model, home)
+    cuda = torch.cuda.is_available()
+    tokenizer, template_source = _prepare_tokenizer(base, cfg)
+    training_template, mask_problem = _training_template(tokenizer)
+    writer = StageWriter(out, STAGE)
+    can_mask = cfg.assistant_only_loss and mask_problem is None
+    train_recs, eval_recs, records_in, kind = _select_records(
+        input_path, writer, tokenizer, cfg, training_template, can_mask)
+    # Assistant-only loss only makes sense on chat records with a template that can mask.
+    assistant_only = cfg.assistant_only_loss and kind == "chat" and mask_problem is None
+    if cfg.assistant_only_loss and kind == "chat" and mask_problem:
+        log.warning("training on whole conversations, not only assistant turns: %s",
+                    mask_problem)
+
+    model, quantized, fallback_reason = _load_model(base, cfg, cuda)
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    optim = _optimizer(cfg, cuda, fallback_reason)
+    ckpt_dir = out / CHECKPOINT_DIR
+    resume_from = _resume_point(ckpt_dir, _fingerprint(cfg, digests, seed))
+
+    rows = [_row(r) for r in train_recs]
+    expected_ids = _encode(tokenizer, rows[0])  # for the round trip check after export
+    args = _sft_config(cfg, ckpt_dir, cuda, _compute_dtype(cuda), optim, bool(eval_recs),
+                       assistant_only, seed)
+    peft_config = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules, use_dora=cfg.lora.use_dora, task_type="CAUSAL_LM",
+    )
+    start = _start_step_probe()
+    trainer = SFTTrainer(
+        model, args=args, train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list([_row(r) for r in eval_recs]) if eval_recs else None,
+        processing_class=tokenizer, peft_config=peft_config, callbacks=[start],
+    )
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    linear4bit = _count_linear4bit(trainer.model)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    evaluated = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
+    if eval_recs and (not evaluated or evaluated[-1] != trainer.state.global_step):
+        trainer.evaluate()  # the final eval loss, at the final step
+    history = trainer.state.log_history
+    tokens_seen = float(getattr(trainer, "_total_train_tokens", 0) or 0)
+
+    adapter_dir, merged_dir = out / ADAPTER_DIR, out / MERGED_DIR
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    trainer.model.save_pretrained(str(adapter_dir))
+    tokenizer.save_pretrained(str(adapter_dir))
+    final_step = trainer.state.global_step
+    del trainer, model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    _merge(base, adapter_dir, merged_dir, tokenizer, cfg, template_source)
+    _check_round_trip(merged_dir, rows[0], expected_ids, cfg)
+    _write_history(out / HISTORY_FILE, history)
+
+    runtime = float(result.metrics.get("train_runtime", 0.0))
+    metrics: dict[str, float] = {
+        "train_loss": _last(history, "loss") or float(result.training_loss),
+        "train_runtime_s": runtime,
+        "train_tokens_per_s": tokens_seen / runtime if runtime > 0 else 0.0,
+        "train_tokens": tokens_seen,
+        "trainable_params": float(trainable),
+        "trainable_share": trainable / total if total else 0.0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "steps": float(final_step),
+        "steps_run": float(final_step - start.step),
+    }
+    eval_losses = [h["eval_loss"] for h in history if "eval_loss" in h]
+    if eval_losses:
+        metrics["eval_loss"] = float(eval_losses[-1])
+        metrics["eval_loss_initial"] = float(eval_losses[0])
+    info = {
+        "adapter_dir": str(adapter_dir), "merged_dir": str(merged_dir), "base_model": base,
+        "quantized": quantized, "linear4bit_modules": linear4bit, "method": cfg.method,
+        "fallback_reason": fallback_reason, "optimizer": optim,
+        "history_file": str(out / HISTORY_FILE), "data_kind": kind,
+        "assistant_only_loss": assistant_only, "assistant_mask_problem": mask_problem,
+        "chat_template": template_source, "device": "cuda" if cuda else "cpu",
+        "compute_dtype": str(_compute_dtype(cuda)).removeprefix("torch."),
+        "resumed_from_step": start.step, "seed": seed,
+    }
+    log.info("trained %s for %d steps (from %d): train loss %.3f, eval loss %s",
+             base, final_step, start.step, metrics["train_loss"], metrics.get("eval_loss"))
+    return writer.finish(records_in, input_digests=digests, config_digest=cdig,
+                         metrics=metrics, info=info)
+
+
+train_task = task(name="train", retries=1, retry_delay_seconds=[10], tags=["ftflow"])(run_train)

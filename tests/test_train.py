@@ -1,0 +1,223 @@
+"""Stage 5: QLoRA training on the tiny builtin model, on CPU, through the real libraries."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_contracts.config import LoraConfig, TrainConfig
+from data_contracts.records import ChatSample, Message
+from tasks.io import StageWriter, read_records
+from tasks.train import _check_round_trip, _load_model, run_train
+
+TOPICS = ["password", "invoice", "refund", "delivery", "coupon", "account"]
+
+
+def _chat(i: int) -> ChatSample:
+    topic = TOPICS[i % len(TOPICS)]
+    return ChatSample(id=f"c{i}", messages=[
+        Message(role="user", content=f"Help me with my {topic}, ticket {100 + i}."),
+        Message(role="assistant", content=f"Sure: open Settings, choose {topic}, then save."),
+    ])
+
+
+def _text(i: int) -> ChatSample:
+    return ChatSample(id=f"t{i}", text=f"Support article {i}: how to reset a password safely.")
+
+
+def _stage_dir(path: Path, train: list[ChatSample], heldout: list[ChatSample]) -> Path:
+    """An upstream stage directory written by the real StageWriter."""
+    writer = StageWriter(path, "dedup")
+    for rec in train:
+        writer.keep(rec, "train")
+    for rec in heldout:
+        writer.keep(rec, "eval")
+    writer.finish(len(train) + len(heldout), input_digests={}, config_digest="test")
+    return path
+
+
+def _fast_cfg(**overrides: object) -> TrainConfig:
+    base = dict(max_steps=16, batch_size=4, max_length=128, learning_rate=3e-3,
+                eval_steps=8, save_steps=8, logging_steps=2, lora=LoraConfig(r=8, alpha=16))
+    return TrainConfig(**{**base, **overrides})
+
+
+def _history(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+def _assistant_loss(model_dir: str, records: list[ChatSample]) -> float:
+    """Mean loss of a plain transformers model on the assistant tokens of the records."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    losses = []
+    with torch.no_grad():
+        for rec in records:
+            enc = tok.apply_chat_template([m.model_dump() for m in rec.messages], tokenize=True,
+                                          return_dict=True, return_assistant_tokens_mask=True)
+            ids = torch.tensor([enc["input_ids"]])
+            labels = ids.masked_fill(torch.tensor([enc["assistant_masks"]]) == 0, -100)
+            losses.append(model(input_ids=ids, labels=labels).loss.item())
+    return sum(losses) / len(losses)
+
+
+@pytest.fixture(scope="module")
+def qlora_run(session_home: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("train")
+    train = [_chat(i) for i in range(24)] + [_text(0)]
+    heldout = [_chat(i) for i in range(100, 106)] + [_text(1)]
+    src = _stage_dir(tmp / "in", train, heldout)
+    out = tmp / "out"
+    manifest = run_train(src, out, _fast_cfg(), home=session_home)
+    return manifest, src, out
+
+
+def test_qlora_really_quantizes_and_learns(qlora_run):
+    manifest, src, out = qlora_run
+    info = manifest.info
+    assert info["quantized"] is True and info["method"] == "qlora"
+    assert info["fallback_reason"] is None
+    assert info["linear4bit_modules"] == 4 * 7  # every linear of the 4 blocks ran in 4 bits
+    assert info["assistant_only_loss"] is True and info["data_kind"] == "chat"
+    history = _history(out)
+    evals = [h for h in history if "eval_loss" in h]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 16
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.5
+    assert manifest.metrics["eval_loss_initial"] == pytest.approx(evals[0]["eval_loss"])
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    assert train_losses[-1] < train_losses[0]
+    # Independent of the trainer: the exported model fits the training records much better.
+    records = list(read_records(src, "data"))[:12]
+    records = [r for r in records if r.kind == "chat"]
+    before = _assistant_loss(info["base_model"], records)
+    after = _assistant_loss(info["merged_dir"], records)
+    assert after < before - 1.0, (before, after)
+    m = manifest.metrics
+    assert m["steps"] == 16 and m["steps_run"] == 16
+    assert 0 < m["trainable_share"] < 0.2 and m["trainable_params"] > 0
+    assert m["train_tokens_per_s"] > 0 and m["peak_rss_mb"] > 0
+
+
+def test_adapter_and_merged_load_with_plain_libraries(qlora_run):
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    manifest, _, out = qlora_run
+    adapter, merged = Path(manifest.info["adapter_dir"]), Path(manifest.info["merged_dir"])
+    assert (adapter / "adapter_model.safetensors").exists()
+    assert (merged / "model.safetensors").exists()
+    assert not list(merged.glob("*.bin")) and not list(adapter.glob("*.bin"))
+
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged).eval()
+    with_adapter = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Help me with my refund."}],
+                                     add_generation_prompt=True, return_dict=True,
+                                     return_tensors="pt")
+    with torch.no_grad():
+        merged_logits = model(**prompt).logits
+        adapter_logits = with_adapter(**prompt).logits
+        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    # Merging folded the adapter in: same function as base + adapter.
+    assert torch.allclose(merged_logits, adapter_logits, atol=1e-3)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_saved_chat_template_is_the_training_one(qlora_run):
+    from transformers import AutoTokenizer
+
+    manifest, src, _ = qlora_run
+    base_tok = AutoTokenizer.from_pretrained(manifest.info["base_model"])
+    assert "{% generation %}" in base_tok.chat_template
+    for folder in (manifest.info["adapter_dir"], manifest.info["merged_dir"]):
+        assert AutoTokenizer.from_pretrained(folder).chat_template == base_tok.chat_template
+    assert manifest.info["chat_template"] == "tokenizer"
+    # The round-trip check is live: a sample that encodes differently is an error.
+    row = {"messages": [m.model_dump() for m in _chat(0).messages]}
+    expected = base_tok.apply_chat_template(row["messages"], tokenize=True,
+                                            return_dict=True)["input_ids"]
+    _check_round_trip(Path(manifest.info["merged_dir"]), row, list(expected), TrainConfig())
+    with pytest.raises(RuntimeError, match="round trip"):
+        _check_round_trip(Path(manifest.info["merged_dir"]), row, list(expected)[:-1] + [7],
+                          TrainConfig())
+
+
+def test_ledger_adds_up_and_text_records_are_accounted_for(qlora_run):
+    manifest, _, out = qlora_run
+    manifest.check()
+    assert manifest.records_in == 24 + 1 + 6 + 1
+    assert manifest.filtered == {"text_in_chat_run": 2}
+    assert manifest.splits == {"train": 24, "eval": 6}
+    assert {r.id for r in read_records(out, "data")} == {f"c{i}" for i in range(24)}
+    assert {r.id for r in read_records(out, "heldout")} == {f"c{i}" for i in range(100, 106)}
+    history = _history(out)
+    assert any({"loss", "learning_rate", "grad_norm"} <= set(h) for h in history)
+    assert manifest.info["history_file"] == str(out / "history.jsonl")
+
+
+def test_unchanged_rerun_is_skipped(qlora_run, session_home: Path):
+    manifest, src, out = qlora_run
+    again = run_train(src, out, _fast_cfg(), home=session_home)
+    assert again.started_at == manifest.started_at and again.metrics == manifest.metrics
+
+
+def test_resume_continues_from_the_last_checkpoint(session_home: Path, tmp_path: Path):
+    src = _stage_dir(tmp_path / "in", [_chat(i) for i in range(16)], [])
+    out = tmp_path / "out"
+    first = run_train(src, out, _fast_cfg(max_steps=4, save_steps=2), home=session_home)
+    assert first.info["quantized"] is True and "eval_loss" not in first.metrics
+    assert (out / "checkpoints" / "checkpoint-4").is_dir()
+    # A run killed after its checkpoint at step 4: no manifest, no exported model.
+    for name in ("manifest.json", "adapter", "merged"):
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    resumed = run_train(src, out, _fast_cfg(max_steps=6, save_steps=2), home=session_home)
+    assert resumed.info["resumed_from_step"] == 4
+    assert resumed.metrics["steps_run"] == 2 and resumed.metrics["steps"] == 6
+    steps = [h["step"] for h in _history(out) if "loss" in h]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+    assert (out / "merged" / "model.safetensors").exists()
+
+    # Plain LoRA is another job: the QLoRA checkpoints are not reused.
+    other = run_train(src, out, _fast_cfg(method="lora", max_steps=2), home=session_home)
+    assert other.info["resumed_from_step"] == 0 and other.metrics["steps_run"] == 2
+    assert other.info["quantized"] is False and other.info["fallback_reason"] is None
+    assert other.info["linear4bit_modules"] == 0 and other.info["optimizer"] == "adamw_torch"
+
+
+def test_text_only_input_trains_on_text(session_home: Path, tmp_path: Path):
+    src = _stage_dir(tmp_path / "in", [_text(i) for i in range(8)], [_text(99)])
+    m = run_train(src, tmp_path / "out", _fast_cfg(method="lora", max_steps=2),
+                  home=session_home)
+    assert m.info["data_kind"] == "text" and m.info["assistant_only_loss"] is False
+    assert m.splits == {"train": 8, "eval": 1} and m.filtered == {}
+    assert "eval_loss" in m.metrics
+
+
+def test_4bit_layers_still_backpropagate_after_an_evaluation(session_home: Path):
+    """bitsandbytes 0.50 on CPU repacks 4-bit weights at eval time unless we stop it."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    from tasks.base_model import resolve_base_model
+
+    base = resolve_base_model("builtin:tiny-llama", session_home)
+    model, quantized, _ = _load_model(base, TrainConfig(), cuda=False)
+    assert quantized
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.ones((1, 4), dtype=torch.long))  # an evaluation pass
+    model.train()
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    x = torch.randn(2, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    assert x.grad is not None
+    assert torch.allclose(x.grad[0], weight.sum(0), atol=1e-3)
