@@ -126,6 +126,9 @@ class AugmentConfig(_Section):
     min_words: int = Field(4, ge=0)
     max_chars: int = Field(4000, gt=0)
     min_printable_ratio: float = Field(0.95, ge=0.0, le=1.0)
+    # Share of whitespace tokens that are words (letters, with surrounding punctuation allowed):
+    # word salad from a weak teacher (mixed digits/letters, fragments) falls below it.
+    min_word_token_ratio: float = Field(0.75, ge=0.0, le=1.0)
 
 
 class LoraConfig(_Section):

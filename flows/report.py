@@ -23,7 +23,7 @@ def comparison_rows(metrics: dict[str, float]) -> list[tuple[str, float, float]]
 
 
 def print_summary(out: dict[str, Any], cfg: PipelineConfig, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 110))
     ledger = out["ledger"]
     table = Table(title=f"ledger of run {out['run_id']}")
     for col in ("stage", "in", "generated", "kept", "filtered", "deduplicated", "quarantined",

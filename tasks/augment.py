@@ -53,6 +53,15 @@ def printable_ratio(text: str) -> float:
     return good / len(text)
 
 
+_WORD_RE = re.compile(r"^[\W_]*[^\W\d_]+(?:['’-][^\W\d_]+)*[\W_]*$")
+
+
+def word_token_ratio(text: str) -> float:
+    """Share of whitespace-separated tokens that are words (no digits glued to letters)."""
+    tokens = text.split()
+    return sum(1 for t in tokens if _WORD_RE.match(t)) / len(tokens) if tokens else 0.0
+
+
 def validate_generation(text: str | None, prompt: str, cfg: AugmentConfig,
                         special_tokens: tuple[str, ...] = ()) -> str | None:
     """Why a generated reply is unusable, or None when it is valid."""
@@ -63,6 +72,8 @@ def validate_generation(text: str | None, prompt: str, cfg: AugmentConfig,
     ratio = printable_ratio(text)
     if ratio < cfg.min_printable_ratio:
         return f"not printable text: {ratio:.2f} printable < {cfg.min_printable_ratio}"
+    if any(ch == "\ufffd" or (not ch.isprintable() and ch not in "\n\t") for ch in text):
+        return "broken characters (control characters or U+FFFD)"
     leaked = LEAK_RE.search(text)
     if leaked is None:
         leaked = next((t for t in special_tokens if t and t in text), None)
@@ -72,6 +83,9 @@ def validate_generation(text: str | None, prompt: str, cfg: AugmentConfig,
     words = len(text.split())
     if words < cfg.min_words:
         return f"too few words: {words} < {cfg.min_words}"
+    wratio = word_token_ratio(text)
+    if wratio < cfg.min_word_token_ratio:
+        return f"not fluent text: {wratio:.2f} of tokens are words < {cfg.min_word_token_ratio}"
     gen, ask = _normalise(text), _normalise(prompt)
     if ask and (gen == ask or gen.startswith(ask)):
         return "copies the prompt"

@@ -188,3 +188,13 @@ def test_disabled_passes_everything_through(stage_dir: Path, tmp_path: Path, hom
     assert (m.records_in, m.generated, m.kept, m.filtered) == (15, 0, 15, {})
     assert m.metrics["augment.generated"] == 0
     assert list(read_records(tmp_path / "out")) == list(read_records(stage_dir))
+
+
+def test_validator_rejects_word_salad_and_broken_characters() -> None:
+    cfg = AugmentConfig()
+    salad = "days 0012dunrvney m Damaged451Tdecf o., 001dedcfb369 arri139 0095 constante0318"
+    assert validate_generation(salad, "Where is my order?", cfg).startswith("not fluent text")
+    broken = "Your refund was sent\x15 to the card on file \ufffd today."
+    assert validate_generation(broken, "Where is my refund?", cfg).startswith("broken characters")
+    fine = "Sure! Your order #4821 shipped on 2024-05-01 and it's on the way to you."
+    assert validate_generation(fine, "Where is my order?", cfg) is None
