@@ -126,7 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_offline_env()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow the options (argparse stops a positional list at them)
+    bad = [e for e in extra if "=" not in e or e.startswith("-")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    target = "overrides" if hasattr(args, "overrides") else "items"
+    if hasattr(args, target):
+        setattr(args, target, list(getattr(args, target) or []) + extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):  # one line per Prefect API call otherwise

@@ -1,0 +1,65 @@
+"""The ftflow command as a user types it: one stage alone, overrides, clear config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from data_contracts.manifest import Manifest
+from flows.cli import main
+from tasks.io import read_records
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def chat(i: int, user: str, answer: str) -> dict:
+    return {"id": f"c{i}", "messages": [{"role": "user", "content": user},
+                                        {"role": "assistant", "content": answer}]}
+
+
+def test_stage_pii_runs_alone_on_a_raw_file(tmp_path: Path, session_home: Path) -> None:
+    raw = write_jsonl(tmp_path / "raw.jsonl", [
+        chat(1, "My email is jane.doe@example.org, please update it.",
+             "Done, the address on file is now updated."),
+        '{"messages": [broken json',
+    ])
+    out = tmp_path / "pii"
+    rc = main(["stage", "pii", "--input", str(raw), "--output", str(out),
+               f"run.home={session_home}"])
+    assert rc == 0
+    m = Manifest.read(out)
+    assert (m.records_in, m.kept, m.quarantined) == (2, 1, 1)
+    [rec] = list(read_records(out))
+    assert rec.id == "c1" and "jane.doe@example.org" not in rec.messages[0].content
+    assert "<EMAIL>" in rec.messages[0].content
+
+
+def test_overrides_after_options_reach_the_stage(tmp_path: Path, session_home: Path) -> None:
+    rows = [chat(i, f"Question number {i} about the billing page?",
+                 "Open the billing page and pick a plan from the list there.") for i in range(20)]
+    raw = write_jsonl(tmp_path / "raw.jsonl", rows)
+    out = tmp_path / "dedup"
+    rc = main(["stage", "dedup", "--input", str(raw), "--output", str(out),
+               f"run.home={session_home}", "dedup.eval_fraction=0.5", "dedup.eval_max=3"])
+    assert rc == 0
+    assert Manifest.read(out).splits.get("eval") == 3
+
+
+def test_unknown_config_key_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["run", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
+               "train.lora.rank=8"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "train.lora.rank: unknown key" in err and "Traceback" not in err
+
+
+def test_missing_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["stage", "ingest", "--input", str(tmp_path / "nope.jsonl"),
+               "--output", str(tmp_path / "out")])
+    assert rc == 2
+    assert "input not found" in capsys.readouterr().err
