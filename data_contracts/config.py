@@ -102,7 +102,10 @@ class DedupConfig(_Section):
     eval_max: int = Field(200, ge=0)
     ngram: int = Field(5, ge=1)
     num_perm: int = Field(128, ge=16)
-    threshold: float = Field(0.8, gt=0.0, le=1.0)
+    threshold: float = Field(0.8, gt=0.0, le=1.0)  # true word-n-gram Jaccard to call a duplicate
+    # LSH looks for candidates down to this estimated Jaccard; each is then confirmed exactly
+    # (lower = fewer pairs near `threshold` missed by MinHash noise, a little slower).
+    candidate_threshold: float = Field(0.7, gt=0.0, le=1.0)
     executor: Literal["local"] = "local"  # datatrove executors (slurm, ray): future work
 
 
@@ -159,10 +162,21 @@ class TrainConfig(_Section):
     max_length: int = Field(512, gt=0)
     assistant_only_loss: bool = True
     packing: bool = False
-    gradient_checkpointing: bool = False
+    # Batches of similar lengths pad less (length-grouped sampler): 1.6x the real tokens/s of a
+    # random order on 2 CPU cores (benchmarks/results/train_cpu.md). Packing (trl's bfd, padding-
+    # free) is exact but ~4x slower on CPU: without flash-attention varlen kernels a packed batch
+    # is one long sequence with a block-diagonal mask, so attention grows with the whole batch.
+    group_by_length: bool = True
+    # Recompute activations in the backward pass (trl's default too): less memory, and on CPU it
+    # was no slower (less memory traffic).
+    gradient_checkpointing: bool = True
     eval_steps: int = Field(50, gt=0)
     save_steps: int = Field(50, gt=0)
     logging_steps: int = Field(5, gt=0)
+    # Stop after this many evaluations without an eval-loss improvement larger than the threshold
+    # and export the best checkpoint (saving then happens at every evaluation). 0: off.
+    early_stopping_patience: int = Field(0, ge=0)
+    early_stopping_threshold: float = Field(0.0, ge=0.0)
 
 
 EVAL_METRICS = (

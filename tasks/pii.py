@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import logging
 import re
@@ -123,9 +124,27 @@ def longest_digit_run(text: str) -> int:
                default=0)
 
 
+# Presidio's pattern plus Mastercard's 2221-2720 range (issued since 2017), which it lacks.
+CREDIT_CARD_PATTERN = Pattern(
+    "All Credit Cards (weak)",
+    r"\b(?!1\d{12}(?!\d))((4\d{3})|(5[0-5]\d{2})|(2[2-7]\d{2})|(6\d{3})|(1\d{3})|(3\d{3}))"
+    r"[- ]?(\d{3,4})[- ]?(\d{3,4})[- ]?(\d{3,5})\b", 0.3)
+
+
+class _IpRecognizer(IpRecognizer):
+    """Presidio's IP recogniser without the unspecified and loopback addresses (0.0.0.0:8080,
+    127.0.0.1, ::1): bind addresses in configs and logs that point at no one."""
+
+    def invalidate_result(self, pattern_text: str) -> bool:
+        if super().invalidate_result(pattern_text):
+            return True
+        ip = ipaddress.ip_interface(pattern_text).ip
+        return ip.is_unspecified or ip.is_loopback
+
+
 class _PhoneRecognizer(PhoneRecognizer):
     """Presidio's phone recogniser, skipping regions whose shortest number cannot fit the text,
-    and dropping digit lists like '1 2 3 4 5 6 7 8 9 10'."""
+    and dropping digit strings that read as something else (`_not_a_phone`)."""
 
     def __init__(self, regions: tuple[str, ...]) -> None:
         super().__init__(supported_regions=regions, leniency=1)
@@ -140,9 +159,36 @@ class _PhoneRecognizer(PhoneRecognizer):
             if run < self.min_digits[region]:
                 continue
             for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=self.leniency):
-                if sum(len(g) == 1 for g in re.findall(r"\d+", match.raw_string)) <= 2:
+                if not _not_a_phone(text, match.start, match.raw_string, match.end):
                     results.append(self._get_recognizer_result(match, text, region, nlp_artifacts))
         return EntityRecognizer.remove_duplicates(results)
+
+
+# A number right after one of these labels is a reference, not a phone ("order number 41555...").
+_REFERENCE_LABEL = re.compile(
+    r"\b(?:order|invoice|ticket|tracking|case|ref|reference|serial|sku|transaction|"
+    r"confirmation|build|issue|pr)\s*(?:number|no\.?|num|id|#)?\s*[:#]?\s*$", re.IGNORECASE)
+
+
+def _not_a_phone(text: str, start: int, raw: str, end: int) -> bool:
+    """Digit strings phonenumbers accepts somewhere but that read as something else."""
+    groups = re.findall(r"\d+", raw)
+    if sum(len(g) == 1 for g in groups) > 2:  # a digit list: '1 2 3 4 5 6 7 8 9 10'
+        return True
+    if "+" not in raw and sum(map(len, groups)) < 6:
+        return True  # a short code or a port ('port 16904'): no one's personal number
+    if re.fullmatch(r"[0-9A-Za-z]-", text[max(0, start - 2):start]) or re.fullmatch(
+            r"-[0-9A-Za-z]", text[end:end + 2]):
+        return True  # a piece of a hyphenated identifier: UUIDs, 'INC-1698058'
+    if "+" not in raw and re.fullmatch(r"[\d.]+", raw) and any(len(g) == 1 for g in groups[1:]):
+        return True  # a dotted version: '16.8.67.6153' (dotted phones use 2-4 digit groups)
+    if re.fullmatch(r"1\d{9}", raw.strip("()")):
+        return True  # a bare Unix timestamp (2001-2033); no NANP number starts with 1
+    if re.fullmatch(r"(?:0?[1-9]|[12]\d|3[01])\.(?:0?[1-9]|1[0-2])\.(?:19|20)\d\d", raw):
+        return True  # a dotted date: '12.12.2016'
+    if start >= 2 and text[start - 1] in ":." and text[start - 2].isdigit():
+        return True  # the tail of a time, address or port: '20:46:16.414', '0.0.0.0:1685'
+    return bool(_REFERENCE_LABEL.search(text[max(0, start - 40):start]))
 
 
 def national_phone_digits(region: str, calling_code: int = 0) -> int:
@@ -192,10 +238,10 @@ def _recognizers(entities: set[str], deny_list: tuple[str, ...],
     builders: dict[str, Callable[[], EntityRecognizer]] = {
         "EMAIL_ADDRESS": EmailRecognizer,
         "PHONE_NUMBER": lambda: _PhoneRecognizer(regions),
-        "CREDIT_CARD": CreditCardRecognizer,
+        "CREDIT_CARD": lambda: CreditCardRecognizer(patterns=[CREDIT_CARD_PATTERN]),
         "US_SSN": UsSsnRecognizer,
         "IBAN_CODE": IbanRecognizer,
-        "IP_ADDRESS": IpRecognizer,
+        "IP_ADDRESS": _IpRecognizer,
         "URL_CREDENTIALS": lambda: PatternRecognizer(
             "URL_CREDENTIALS", name="UrlCredentialsRecognizer",
             patterns=[URL_CREDENTIALS_PATTERN]),

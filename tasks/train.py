@@ -245,14 +245,23 @@ def _fingerprint(cfg: TrainConfig, digests: dict[str, str], seed: int) -> dict[s
     return {"config": settings, "inputs": digests, "seed": seed}
 
 
+def _last_complete_checkpoint(ckpt_dir: Path) -> str | None:
+    """The highest checkpoint-N whose trainer state was written (the trainer writes it last).
+
+    transformers' get_last_checkpoint takes the highest folder even when a kill interrupted
+    its saving, and resuming from that half-written folder fails.
+    """
+    done = [p for p in ckpt_dir.glob("checkpoint-*")
+            if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").exists()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
 def _resume_point(ckpt_dir: Path, fingerprint: dict[str, Any]) -> str | None:
     """The last checkpoint of an interrupted run of the same job, else None (stale ones go)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     marker = ckpt_dir / FINGERPRINT_FILE
     if ckpt_dir.is_dir():
         same = marker.exists() and json.loads(marker.read_text()) == fingerprint
-        last = get_last_checkpoint(str(ckpt_dir)) if same else None
+        last = _last_complete_checkpoint(ckpt_dir) if same else None
         if last:
             log.info("resuming from %s", last)
             return last
@@ -262,6 +271,24 @@ def _resume_point(ckpt_dir: Path, fingerprint: dict[str, Any]) -> str | None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(fingerprint, sort_keys=True))
     return None
+
+
+def _adapter_to_fp32(model: Any) -> int:
+    """Keep the trainable (LoRA) weights in fp32; returns how many tensors were cast.
+
+    trl casts QLoRA adapters to bf16, but resuming reloads a checkpoint's adapter as fp32 (peft's
+    autocast), so a resumed run would train in another precision than an uninterrupted one and
+    end elsewhere. fp32 is also what peft itself picks: bf16 weights drop every update below
+    their resolution (~0.4% of the weight). LoRA weights are small; the memory cost is tiny.
+    """
+    import torch
+
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
 
 
 def _start_step_probe() -> Any:
@@ -345,22 +372,34 @@ def _sft_config(cfg: TrainConfig, ckpt_dir: Path, cuda: bool, dtype: Any, optim:
     import torch
     from trl import SFTConfig
 
+    early = _early_stopping(cfg, has_eval)
+    best = {"load_best_model_at_end": True, "metric_for_best_model": "eval_loss",
+            "greater_is_better": False} if early else {}
     return SFTConfig(
         output_dir=str(ckpt_dir), max_length=cfg.max_length, packing=cfg.packing,
         assistant_only_loss=assistant_only,
         learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a value below 1 is a ratio
         weight_decay=cfg.weight_decay, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         gradient_checkpointing=cfg.gradient_checkpointing,
         eval_strategy="steps" if has_eval else "no", eval_steps=cfg.eval_steps,
         eval_on_start=has_eval,  # step 0: the base model's eval loss starts the curve
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        # Early stopping exports the best checkpoint, so there must be one at every evaluation.
+        save_strategy="steps", save_steps=cfg.eval_steps if early else cfg.save_steps,
+        save_total_limit=2, **best,
         logging_steps=cfg.logging_steps, report_to=[], use_cpu=not cuda, optim=optim,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         seed=seed, data_seed=seed, disable_tqdm=True,
     )
+
+
+def _early_stopping(cfg: TrainConfig, has_eval: bool) -> bool:
+    if cfg.early_stopping_patience and not has_eval:
+        log.warning("early stopping needs held-out records to evaluate on; it is off")
+    return bool(cfg.early_stopping_patience) and has_eval
 
 
 def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
@@ -410,17 +449,27 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
         target_modules=cfg.lora.target_modules, use_dora=cfg.lora.use_dora, task_type="CAUSAL_LM",
     )
     start = _start_step_probe()
+    callbacks: list[Any] = [start]
+    early = _early_stopping(cfg, bool(eval_recs))
+    if early:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience,
+                                               cfg.early_stopping_threshold))
     trainer = SFTTrainer(
         model, args=args, train_dataset=Dataset.from_list(rows),
         eval_dataset=Dataset.from_list([_row(r) for r in eval_recs]) if eval_recs else None,
-        processing_class=tokenizer, peft_config=peft_config, callbacks=[start],
+        processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
     )
+    _adapter_to_fp32(trainer.model)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     linear4bit = _count_linear4bit(trainer.model)
     result = trainer.train(resume_from_checkpoint=resume_from)
     evaluated = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
-    if eval_recs and (not evaluated or evaluated[-1] != trainer.state.global_step):
-        trainer.evaluate()  # the final eval loss, at the final step
+    best_step = trainer.state.best_global_step if early else None
+    loaded_best = best_step is not None and best_step != trainer.state.global_step
+    if eval_recs and (loaded_best or not evaluated or evaluated[-1] != trainer.state.global_step):
+        trainer.evaluate()  # the final eval loss, of the model we export
     history = trainer.state.log_history
     tokens_seen = float(getattr(trainer, "_total_train_tokens", 0) or 0)
 
@@ -428,7 +477,7 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
     shutil.rmtree(adapter_dir, ignore_errors=True)
     trainer.model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
-    final_step = trainer.state.global_step
+    final_step, planned_steps = trainer.state.global_step, trainer.state.max_steps
     del trainer, model
     gc.collect()
     if cuda:
@@ -461,7 +510,10 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
         "assistant_only_loss": assistant_only, "assistant_mask_problem": mask_problem,
         "chat_template": template_source, "device": "cuda" if cuda else "cpu",
         "compute_dtype": str(_compute_dtype(cuda)).removeprefix("torch."),
-        "resumed_from_step": start.step, "seed": seed,
+        "resumed_from_step": start.step, "seed": seed, "use_dora": cfg.lora.use_dora,
+        "group_by_length": cfg.group_by_length, "packing": cfg.packing,
+        "early_stopping": early, "best_step": best_step,
+        "stopped_early": early and final_step < planned_steps,
     }
     log.info("trained %s for %d steps (from %d): train loss %.3f, eval loss %s",
              base, final_step, start.step, metrics["train_loss"], metrics.get("eval_loss"))

@@ -7,10 +7,20 @@ import json
 import random
 from pathlib import Path
 
+from datasketch import MinHash
+
 from data_contracts.config import DedupConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message
-from tasks.dedup import normalize, run_dedup, shingles
+from tasks.dedup import (
+    _signatures,
+    crc32_hash,
+    exact_jaccard,
+    normalize,
+    run_dedup,
+    shingle_hashes,
+    shingles,
+)
 from tasks.io import StageWriter, read_records
 
 VOCAB = [f"w{i}" for i in range(400)] + "the a of to and in on for with data model".split()
@@ -151,3 +161,60 @@ def test_unchanged_input_is_skipped(tmp_path: Path):
     assert again.started_at == first.started_at and again.deduplicated == 1
     reseeded = run_dedup(src, tmp_path / "out", NO_SPLIT, home=tmp_path, seed=3)
     assert reseeded.config_digest != first.config_digest
+
+
+def _edited(seed: int, n_changes: int) -> tuple[list[str], list[str]]:
+    """A 120-word record and a copy with n_changes words replaced at seeded positions."""
+    base = _words(seed)
+    near = list(base)
+    for pos in random.Random(seed).sample(range(120), n_changes):
+        near[pos] = f"CHANGED{pos}"
+    return base, near
+
+
+def _true_jaccard(a: list[str], b: list[str]) -> float:
+    """Exact 5-gram Jaccard of the two records as the stage sees them (joined chat text)."""
+    sa, sb = (shingles(normalize(_chat("x", w).joined_text()), 5) for w in (a, b))
+    return len(sa & sb) / len(sa | sb)
+
+
+def _estimate(a: list[str], b: list[str]) -> float:
+    """The MinHash estimate of the same, as the stage computes it (128 permutations, CRC-32)."""
+    ma, mb = (MinHash(num_perm=128, hashfunc=crc32_hash) for _ in range(2))
+    for mh, words in ((ma, a), (mb, b)):
+        for g in shingles(normalize(_chat("x", words).joined_text()), 5):
+            mh.update(g)
+    return ma.jaccard(mb)
+
+
+def test_decisions_use_the_exact_jaccard_not_the_minhash_estimate(tmp_path: Path):
+    # bench_dedup found pairs at true J 0.85-0.9 kept because the MinHash estimate (+-0.03)
+    # fell under the threshold. These two pairs sit on either side of 0.8 with the estimate
+    # on the wrong side, so only an exact confirmation gets both right.
+    above, above_near = _edited(142, 3)
+    below, below_near = _edited(16, 4)
+    true_above, true_below = _true_jaccard(above, above_near), _true_jaccard(below, below_near)
+    assert true_above > 0.82 and _estimate(above, above_near) < 0.8
+    assert true_below < 0.78 and _estimate(below, below_near) > 0.84
+    train = [_chat("above", above), _chat("below", below), _chat("above-near", above_near),
+             _chat("below-near", below_near)]
+    out = tmp_path / "out"
+    m = run_dedup(_stage_dir(tmp_path / "in", train), out, NO_SPLIT, home=tmp_path)
+    m.check()
+    removed = _removed(out)
+    assert set(removed) == {"above-near"} and removed["above-near"]["dup_of"] == "above"
+    assert removed["above-near"]["jaccard"] == round(true_above, 4)
+    assert _ids(out) == ["above", "below", "below-near"]
+    assert exact_jaccard(shingle_hashes({b"a", b"b", b"c"}), shingle_hashes({b"b", b"c"})) == 2 / 3
+
+
+def test_signatures_equal_datasketch_minhash_updated_per_shingle():
+    # The stage hashes each shingle once (CRC-32) and feeds MinHash.bulk the integers; that must
+    # be the very signature of the textbook MinHash(hashfunc=crc32_hash).update loop.
+    recs = [("data", _chat(f"r{i}", _words(i, 60))) for i in range(3)]
+    for (_, rec), sig in zip(recs, _signatures(recs, NO_SPLIT), strict=True):
+        mh = MinHash(num_perm=NO_SPLIT.num_perm, hashfunc=crc32_hash)
+        for g in shingles(normalize(rec.joined_text()), NO_SPLIT.ngram):
+            mh.update(g)
+        assert (sig.minhash.hashvalues == mh.hashvalues).all()
+        assert sig.grams.size == len(shingles(normalize(rec.joined_text()), NO_SPLIT.ngram))

@@ -29,6 +29,7 @@ CASES = [
     ("cc-dashes", "<CREDIT_CARD>", "5500-0000-0000-0004"),
     ("cc-amex", "<CREDIT_CARD>", "378282246310005"),
     ("cc-plain", "<CREDIT_CARD>", "4012888888881881"),
+    ("cc-mc-2series", "<CREDIT_CARD>", "2223 0031 2200 3222"),  # bench_pii: Presidio missed 2xxx
     ("ssn-dashes", "<SSN>", "219-09-9999"),
     ("ssn-spaces", "<SSN>", "536 22 1234"),
     ("iban-gb", "<IBAN>", "GB82 WEST 1234 5698 7654 32"),
@@ -145,12 +146,39 @@ def test_ledger_metrics_and_meta(scrubbed):
     assert m["deduplicated"] == m["quarantined"] == 0 and m["filtered"] == {}
     metrics = m["metrics"]
     assert metrics["pii.EMAIL_ADDRESS"] == 3 + 1 + 1 + 1  # cases + system + text doc + eval
-    assert metrics["pii.CREDIT_CARD"] == 4
+    assert metrics["pii.CREDIT_CARD"] == 5
     assert metrics["pii.records_with_pii"] == len(CASES) + 3
     # The "Noted." answers and the plain question never reach the analyzer.
     assert metrics["pii.texts_screened_out"] >= len(CASES) + 5
     assert recs["iban-gb"].meta["pii"] == {"IBAN_CODE": 1}
     assert m["info"]["redactions_sample"].endswith(SAMPLE_NAME)
+
+
+# False positives benchmarks/bench_pii.py found: each was redacted before the fix.
+BENCH_LOOKALIKES = [
+    "Invoice for 04/05/2020 lists 0.0.0.0:4954, reference v2.4.18.",  # unspecified IP
+    "It listens on 127.0.0.1:8080 and [::1]:8080 only.",  # loopback
+    "After upgrading to 16.8.67.6153 on Monday, the build fails.",  # dotted version as DE phone
+    "Log says 1631721904 at v4.14.11 then nothing else.",  # Unix timestamp as IN/BR phone
+    "Can you check order number 4155550123? And ticket #2125550123 too.",  # references
+    "Invoice dated 12.12.2016 (paid 23.1.2016 at (1541100059)).",  # dotted dates, IL/BR phones
+    "Started 2020-11-16 20:46:16.414 on 0.0.0.0:1685.",  # time and port tails as DE phones
+    "See port 16904 and localhost:16953.",  # short codes
+    "Request 04370272-2931-5549-abb3-e90ef37aaaf2 and e49b3cfc-d331-ae1e-075a-052003586213 "
+    "failed, see ticket INC-1698058.",  # pieces of UUIDs and hyphenated ids
+]
+
+
+def test_benchmark_lookalikes_unchanged_while_real_values_go(tmp_path: Path):
+    real = _chat("real", "Call me on 4155550123 or (212) 555-0100, I'm at 192.168.1.10; "
+                         "my number is 1-415-555-0123.")
+    src = _stage_dir(tmp_path / "in", [_chat(f"la{i}", t) for i, t in enumerate(BENCH_LOOKALIKES)]
+                     + [real])
+    run_pii(src, tmp_path / "out", PiiConfig(), home=tmp_path)
+    recs = {r.id: r.messages[0].content for r in read_records(tmp_path / "out")}
+    for i, text in enumerate(BENCH_LOOKALIKES):
+        assert recs[f"la{i}"] == text
+    assert recs["real"] == "Call me on <PHONE> or <PHONE>, I'm at <IP>; my number is <PHONE>."
 
 
 def test_sample_report_is_masked(scrubbed):

@@ -221,3 +221,48 @@ def test_4bit_layers_still_backpropagate_after_an_evaluation(session_home: Path)
     weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     assert x.grad is not None
     assert torch.allclose(x.grad[0], weight.sum(0), atol=1e-3)
+
+
+def test_early_stopping_exports_the_best_checkpoint(session_home: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    # Held-out replies the training data never says, and a learning rate 10x too high: the eval
+    # loss falls to step 2, then rises (8.39, 8.31, 8.37), so patience 1 stops at step 4 and
+    # the step-2 checkpoint is the best one.
+    odd = [ChatSample(id=f"o{i}", messages=[
+        Message(role="user", content=f"Help me with my {TOPICS[i]}, ticket {200 + i}."),
+        Message(role="assistant", content="Zebra violin harmonica quantum marmalade."),
+    ]) for i in range(4)]
+    src = _stage_dir(tmp_path / "in", [_chat(i) for i in range(16)], odd)
+    out = tmp_path / "out"
+    cfg = _fast_cfg(method="lora", max_steps=12, eval_steps=2, save_steps=100,
+                    learning_rate=3e-2, early_stopping_patience=1)
+    m = run_train(src, out, cfg, home=session_home)
+    assert m.info["early_stopping"] is True and m.info["stopped_early"] is True
+    assert m.metrics["steps"] == 4 and m.info["best_step"] == 2
+    exported = load_file(out / "adapter" / "adapter_model.safetensors")
+    best = load_file(out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors")
+    last = load_file(out / "checkpoints" / "checkpoint-4" / "adapter_model.safetensors")
+    assert exported.keys() == best.keys()
+    assert all(torch.equal(exported[k], best[k]) for k in best)
+    assert not all(torch.equal(exported[k], last[k]) for k in last)
+    # The reported eval loss is the exported (best) model's: the step-2 evaluation's value.
+    evals = [h for h in _history(out) if "eval_loss" in h]
+    at_2 = next(h["eval_loss"] for h in evals if h["step"] == 2)
+    assert m.metrics["eval_loss"] == pytest.approx(at_2, rel=1e-5)
+
+
+def test_dora_reaches_the_adapter(session_home: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    src = _stage_dir(tmp_path / "in", [_chat(i) for i in range(8)], [])
+    out = tmp_path / "out"
+    m = run_train(src, out, _fast_cfg(max_steps=2, lora=LoraConfig(r=8, alpha=16, use_dora=True)),
+                  home=session_home)
+    assert m.info["use_dora"] is True and m.info["quantized"] is True
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    magnitudes = [k for k in weights if "lora_magnitude_vector" in k]
+    assert len(magnitudes) == 4 * 7  # one per adapted linear
+    assert (out / "merged" / "model.safetensors").exists()
