@@ -38,6 +38,7 @@ from datasketch import MinHash, MinHashLSH  # noqa: E402
 from data_contracts.config import DedupConfig  # noqa: E402
 from tasks.dedup import normalize, run_dedup, shingles  # noqa: E402
 from tasks.io import StageWriter, iter_input  # noqa: E402
+from common import bare_pass  # noqa: E402  (benchmarks/common.py)
 
 BANDS = [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.85), (0.85, 0.9),
          (0.9, 1.0), (1.0, 1.01)]
@@ -170,15 +171,6 @@ def best_earlier(texts: list[str]) -> list[float]:
             index[g].append(i)
         sets.append(s)
     return best
-
-
-def bare_pass(src: Path, out: Path) -> None:
-    writer = StageWriter(out, "bare")
-    n = 0
-    for rec in iter_input(str(src)):
-        writer.keep(rec)
-        n += 1
-    writer.finish(n, input_digests={}, config_digest="bare")
 
 
 def naive_pass(src: Path, out: Path, cfg: DedupConfig) -> set[str]:

@@ -55,7 +55,8 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def write_stage_dir(out_dir: Path, train: list[ChatSample], heldout: list[ChatSample]) -> Path:
+def write_stage_dir(out_dir: Path, train: list[ChatSample],
+                    heldout: list[ChatSample] | tuple = ()) -> Path:
     """A finished stage dir (as dedup would write it) holding these train and heldout records."""
     writer = StageWriter(out_dir, "dedup")
     for rec in train:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from datasketch import MinHash
 
+from model_fixtures import write_stage_dir as _stage_dir
+
 from data_contracts.config import DedupConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message
@@ -21,7 +23,7 @@ from tasks.dedup import (
     shingle_hashes,
     shingles,
 )
-from tasks.io import StageWriter, read_records
+from tasks.io import read_records
 
 VOCAB = [f"w{i}" for i in range(400)] + "the a of to and in on for with data model".split()
 
@@ -35,17 +37,6 @@ def _chat(rid: str, words: list[str] | str) -> ChatSample:
     text = words if isinstance(words, str) else " ".join(words)
     return ChatSample(id=rid, messages=[Message(role="user", content=text),
                                         Message(role="assistant", content="Sure.")])
-
-
-def _stage_dir(path: Path, train: list[ChatSample], heldout: list[ChatSample] = ()) -> Path:
-    """A previous stage's output, written by the real writer."""
-    writer = StageWriter(path, "pii")
-    for rec in train:
-        writer.keep(rec)
-    for rec in heldout:
-        writer.keep(rec, split="eval")
-    writer.finish(len(train) + len(heldout), input_digests={}, config_digest="test")
-    return path
 
 
 def _removed(stage_dir: Path) -> dict[str, dict]:

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from model_fixtures import write_stage_dir as _stage_dir
+
 from data_contracts.config import PiiConfig
 from data_contracts.records import ChatSample, Message
-from tasks.io import StageWriter, read_records
+from tasks.io import read_records
 from tasks.pii import SAMPLE_NAME, get_engine, run_pii
 
 # (case id, placeholder, value): each value is planted in a sentence of its own record.
@@ -76,17 +78,6 @@ def _chat(rid: str, user: str, system: str | None = None) -> ChatSample:
     msgs = [Message(role="system", content=system)] if system else []
     msgs += [Message(role="user", content=user), Message(role="assistant", content="Noted.")]
     return ChatSample(id=rid, messages=msgs)
-
-
-def _stage_dir(path: Path, train: list[ChatSample], heldout: list[ChatSample] = ()) -> Path:
-    """A previous stage's output, written by the real writer."""
-    writer = StageWriter(path, "ingest")
-    for rec in train:
-        writer.keep(rec)
-    for rec in heldout:
-        writer.keep(rec, split="eval")
-    writer.finish(len(train) + len(heldout), input_digests={}, config_digest="test")
-    return path
 
 
 def _sentence(case: str, value: str) -> str:
