@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -39,6 +40,30 @@ def session_home() -> Path:
     if src.exists() and not (assets / "lid.176.ftz").exists():
         shutil.copy(src, assets / "lid.176.ftz")
     return home
+
+
+@pytest.fixture(scope="session")
+def home(session_home: Path) -> Path:
+    """The ftflow home the stage tests share (see session_home)."""
+    return session_home
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """Torch on one thread for a module: tiny models run 5-10x slower when 2 threads contend."""
+    from model_fixtures import one_torch_thread
+
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def train_dir(session_home: Path) -> Path:
+    """A train stage dir (LoRA adapter + merged model + manifest), built once per session."""
+    from model_fixtures import build_train_dir, one_torch_thread
+
+    with one_torch_thread():
+        return build_train_dir(session_home / "train-fixture", session_home)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from model_fixtures import one_torch_thread, support_chats, write_stage_dir
+from model_fixtures import support_chats, write_stage_dir
 
 from data_contracts.config import AugmentConfig, TeacherConfig
 from tasks.augment import INVALID, run_augment, validate_generation
@@ -21,15 +21,7 @@ PROMPT = "How do I reset my password?"
 GOOD_ANSWER = "Open the account settings page, choose security and press reset password."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def home(session_home: Path) -> Path:
-    return session_home
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from model_fixtures import one_torch_thread, build_train_dir, support_chats, write_stage_dir
+from model_fixtures import support_chats, write_stage_dir
 
 from data_contracts.config import EvaluateConfig
 from data_contracts.manifest import Manifest
@@ -15,20 +14,7 @@ from tasks.evaluate import MC_TASK, PPL_TASK, gate, run_evaluate
 from tasks.io import read_records
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def home(session_home: Path) -> Path:
-    return session_home
-
-
-@pytest.fixture(scope="module")
-def train_dir(home: Path) -> Path:
-    return build_train_dir(home / "train-fixture", home)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

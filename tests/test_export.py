@@ -9,7 +9,6 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from model_fixtures import one_torch_thread, build_train_dir
 
 from data_contracts.config import ExportConfig
 from data_contracts.manifest import Manifest
@@ -19,15 +18,7 @@ PPL = "ftflow_heldout_ppl.word_perplexity"
 CHAT = [{"role": "user", "content": "How do I reset my password?"}]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    with one_torch_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def train_dir(session_home: Path) -> Path:
-    return build_train_dir(session_home / "train-fixture", session_home)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _eval_dir(root: Path, passed: bool) -> Path:
