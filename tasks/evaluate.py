@@ -55,18 +55,27 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], prompt: bool = False
 
 def mc_items(records: list[ChatSample], tokenizer: Any, num_choices: int,
              seed: int) -> list[dict[str, Any]]:
-    """Context up to the last reply, the true reply among distractors from other records."""
-    chats = [r for r in records if r.messages and r.messages[-1].role == "assistant"]
+    """Context up to the last reply, the true reply among distractors from other records.
+
+    A preference pair's rejected reply is always among its distractors: the tuned model
+    should prefer the chosen one.
+    """
+    convs = {r.id: r.conversation() for r in records}
+    chats = [r for r in records if convs[r.id] and convs[r.id][-1].role == "assistant"]
     items = []
     for rec in chats:
-        truth = rec.messages[-1].content
-        pool = sorted({r.messages[-1].content for r in chats} - {truth})
+        conv = convs[rec.id]
+        truth = conv[-1].content
+        pool = sorted({convs[r.id][-1].content for r in chats} - {truth})
         rng = random.Random(f"{seed}:{rec.id}")
-        choices = [truth, *rng.sample(pool, min(num_choices - 1, len(pool)))]
+        hard = [rec.rejected] if rec.rejected is not None and rec.rejected != truth else []
+        pool = [p for p in pool if p not in hard]
+        choices = [truth, *hard]
+        choices += rng.sample(pool, min(num_choices - len(choices), len(pool)))
         if len(choices) < 2:
             continue
         rng.shuffle(choices)
-        context = _render(tokenizer, [m.model_dump() for m in rec.messages[:-1]], prompt=True)
+        context = _render(tokenizer, [m.model_dump() for m in conv[:-1]], prompt=True)
         items.append({"id": rec.id, "context": context, "choices": choices,
                       "label": choices.index(truth)})
     return items
@@ -77,7 +86,7 @@ def write_tasks(records: list[ChatSample], tokenizer: Any, tasks_dir: Path,
     """Write the task YAMLs and their JSONL data files; return the task names to run."""
     tasks_dir.mkdir(parents=True, exist_ok=True)
     cache = tasks_dir / HF_CACHE
-    ppl_rows = [{"id": r.id, "text": _render(tokenizer, [m.model_dump() for m in r.messages])
+    ppl_rows = [{"id": r.id, "text": _render(tokenizer, [m.model_dump() for m in r.conversation()])
                  if r.messages else (r.text or "")} for r in records]
     mc_rows = mc_items(records, tokenizer, cfg.num_choices, cfg.seed)
     specs = {

@@ -167,3 +167,69 @@ def test_config_overrides_plain_and_nested(tmp_path: Path) -> None:
         load_config(cfg, ["ingest.min_words=-1"])
     with pytest.raises(ConfigError, match="not key=value"):
         load_config(cfg, ["ingest.min_words"])
+
+
+def test_preference_pair_forms_normalise_to_one_record() -> None:
+    plain = parse_record({"prompt": "Refund?", "chosen": "Within 30 days.", "rejected": "No."})
+    conv = parse_record({
+        "prompt": [{"role": "user", "content": "Refund?"}],
+        "chosen": [{"role": "assistant", "content": "Within 30 days."}],
+        "rejected": [{"role": "assistant", "content": "No."}],
+    })
+    implicit = parse_record({  # trl's implicit prompt: both sides repeat the prompt turns
+        "chosen": [{"role": "user", "content": "Refund?"},
+                   {"role": "assistant", "content": "Within 30 days."}],
+        "rejected": [{"role": "user", "content": "Refund?"},
+                     {"role": "assistant", "content": "No."}],
+    })
+    for rec in (plain, conv, implicit):
+        assert rec.kind == "preference"
+        assert _roles(rec) == ["user"]
+        assert (rec.chosen, rec.rejected) == ("Within 30 days.", "No.")
+    assert plain.id == conv.id == implicit.id  # content id: same pair, same id
+    assert [m.role for m in plain.conversation()] == ["user", "assistant"]
+    assert plain.texts() == ["Refund?", "Within 30 days.", "No."]
+    scrubbed = plain.with_texts(["Refund?", "<EMAIL>", "No <PHONE>"])
+    assert (scrubbed.chosen, scrubbed.rejected) == ("<EMAIL>", "No <PHONE>")
+    assert "rejected: No." in plain.joined_text()
+    with_system = parse_record({"system": "Be brief.", "prompt": "Hi", "chosen": "Hello.",
+                                "rejected": "What?"})
+    assert _roles(with_system) == ["system", "user"]
+
+
+@pytest.mark.parametrize(("obj", "field"), [
+    ({"prompt": "Q", "chosen": "A"}, "rejected"),
+    ({"prompt": "Q", "chosen": "", "rejected": "B"}, "chosen"),
+    ({"prompt": "Q", "chosen": "A", "rejected": 3}, "rejected"),
+    ({"chosen": "A", "rejected": "B"}, "prompt"),
+    ({"prompt": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+      "chosen": "A", "rejected": "B"}, "prompt"),
+    ({"chosen": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A"}],
+      "rejected": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "B"}]},
+     "rejected"),
+    ({"prompt": "Q", "chosen": [{"role": "user", "content": "A"}], "rejected": "B"},
+     "chosen[0].role"),
+])
+def test_bad_preference_pairs_name_the_field(obj: dict, field: str) -> None:
+    with pytest.raises(RecordError) as err:
+        parse_record(obj)
+    assert err.value.field == field
+
+
+def test_fsspec_url_inputs_are_read(tmp_path: Path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    with fs.open("/bucket/inbox/a.jsonl", "w") as fh:
+        fh.write(json.dumps(CHAT) + "\n")
+    with fs.open("/bucket/inbox/b.jsonl.zst", "wb") as fh:
+        fh.write(zstandard.ZstdCompressor().compress(
+            (json.dumps({"prompt": "Q?", "chosen": "Yes.", "rejected": "No."}) + "\n").encode()))
+    _jsonl(tmp_path / "local.jsonl", [{"text": "A local document."}])
+    recs = list(iter_input(["memory://bucket/inbox/*", f"file://{tmp_path}/local.jsonl"]))
+    assert [r.kind for r in recs] == ["chat", "preference", "text"]
+    assert recs[0].source.file.startswith("memory://")
+    assert recs[0].source.file.endswith("/bucket/inbox/a.jsonl")
+    assert recs[1].source.line == 1
+    with pytest.raises(FileNotFoundError, match="memory://bucket/none"):
+        list(iter_input(["memory://bucket/none/*.jsonl"]))

@@ -93,3 +93,22 @@ def test_gate_direction_and_threshold() -> None:
     assert passed is False and rel == pytest.approx(-0.2) and "higher is better" in text
     assert gate(tuned, base, f"{MC_TASK}.acc", 0.2)[0] is True
     assert gate(base, {}, f"{MC_TASK}.acc", 0.0)[0] is False
+
+
+def test_preference_pairs_put_the_rejected_reply_among_the_choices(home: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from data_contracts.records import parse_record
+    from tasks.base_model import resolve_base_model
+    from tasks.evaluate import mc_items
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base_model("builtin:tiny-llama", home))
+    pairs = [parse_record({"prompt": f"Question {i}?", "chosen": f"Good answer {i}.",
+                           "rejected": f"Bad answer {i}."}) for i in range(6)]
+    items = mc_items(pairs, tokenizer, num_choices=3, seed=0)
+    assert len(items) == 6
+    for i, item in enumerate(items):
+        assert item["choices"][item["label"]] == f"Good answer {i}."
+        assert f"Bad answer {i}." in item["choices"]  # the pair's own rejected reply
+        assert len(item["choices"]) == 3
+        assert f"Question {i}?" in item["context"] and "Good answer" not in item["context"]

@@ -92,15 +92,15 @@ def test_sigkilled_train_stage_resumes_to_the_uninterrupted_result(session_home:
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "cwd": REPO, "env": _env()}
     reference = subprocess.Popen(_command(src, ref_out, session_home), **quiet)
     victim = subprocess.Popen(_command(src, killed_out, session_home), **quiet)
-    killed_at = _kill_after_first_checkpoint(victim, killed_out, timeout=60)
+    killed_at = _kill_after_first_checkpoint(victim, killed_out, timeout=600)
     assert 0 < killed_at < MAX_STEPS
     assert not (killed_out / "manifest.json").exists()
     killed_log = json.loads((killed_out / "checkpoints" / f"checkpoint-{killed_at}"
                              / "trainer_state.json").read_text())["log_history"]
 
-    rerun = subprocess.run(_command(src, killed_out, session_home), timeout=120, **quiet)
+    rerun = subprocess.run(_command(src, killed_out, session_home), timeout=600, **quiet)
     assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
-    _, ref_err = reference.communicate(timeout=120)
+    _, ref_err = reference.communicate(timeout=600)
     assert reference.returncode == 0, ref_err.decode()[-3000:]
 
     resumed, ref = _manifest(killed_out), _manifest(ref_out)
