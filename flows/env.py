@@ -11,6 +11,9 @@ OFFLINE_ENV = {
     "TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS": "",  # presidio's email recognizer would fetch it
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # else telemetry errors and a locked SQLite
+    # Local mode starts a temporary server and migrates its SQLite first: 16-18 s on an idle
+    # 2-core machine, past Prefect's 20 s default as soon as the machine is busy.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "DISABLE_MLFLOW_INTEGRATION": "TRUE",  # the flow logs to MLflow itself, not the Trainer

@@ -10,14 +10,14 @@ from typing import Iterator
 
 import pytest
 
+from flows.env import OFFLINE_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="ftflow-tests-"))
 
+# The CLI's offline defaults (Prefect's local-server startup timeout included), forced here.
+os.environ.update(OFFLINE_ENV)
 os.environ.update({
-    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-    "TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS": "", "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-    "TOKENIZERS_PARALLELISM": "false", "DISABLE_MLFLOW_INTEGRATION": "TRUE",
     # Real Prefect in its local mode, on a throwaway home: never the user's server.
     "PREFECT_HOME": str(_SESSION_TMP / "prefect"),
     "PREFECT_LOGGING_LEVEL": "WARNING",
