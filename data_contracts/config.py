@@ -72,6 +72,24 @@ class IngestConfig(_Section):
     refusal_patterns: list[str] = Field(
         default_factory=lambda: [r"\bas an ai language model\b", r"\bi cannot (help|assist) with\b"]
     )
+    # Token-length bounds, counted with the base model's tokenizer on the record as training
+    # renders it (chat template for chats and pairs). 0: off. Off by default: train truncates at
+    # train.max_length; set max_tokens to it to drop such records instead of truncating them.
+    min_tokens: int = Field(0, ge=0)
+    max_tokens: int = Field(0, ge=0)
+    tokenizer: str = ""  # hub id, local folder or builtin:*; "": the run's train.base_model
+    # A fastText classifier from `ftflow quality-model train`: records whose P(good) is below
+    # quality_threshold are filtered as low_quality. "": off.
+    quality_model: str = ""
+    quality_threshold: float = Field(0.5, ge=0.0, le=1.0)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _token_bounds(cls, v: int, info: Any) -> int:
+        low = info.data.get("min_tokens", 0)
+        if v and low > v:
+            raise ValueError(f"must be 0 (off) or at least min_tokens ({low})")
+        return v
 
 
 class PiiConfig(_Section):

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from data_contracts.config import ConfigError, default_home, load_config
 from data_contracts.records import RecordError
@@ -47,7 +48,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
     name = args.name
     if name == "ingest":
         from tasks.ingest import run_ingest
-        m = run_ingest(args.input, out, cfg.ingest, home=home)
+        m = run_ingest(args.input, out, cfg.ingest, home=home, base_model=cfg.train.base_model,
+                       trust_remote_code=cfg.train.trust_remote_code)
     elif name == "pii":
         from tasks.pii import run_pii
         m = run_pii(args.input, out, cfg.pii, home=home)
@@ -90,6 +92,46 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quality_train(args: argparse.Namespace) -> int:
+    from tasks.quality import QualityModelError, report_path, train_quality_model
+
+    try:
+        report = train_quality_model(
+            args.good, args.bad, args.output, epochs=args.epochs, lr=args.lr,
+            heldout_fraction=args.heldout_fraction, min_examples=args.min_examples,
+            seed=args.seed)
+    except QualityModelError as err:
+        print(f"ftflow: error: {err}", file=sys.stderr)
+        return 2
+    print(f"quality model: {report.model} trained on {report.train}, held-out accuracy "
+          f"{report.heldout_accuracy} on {report.heldout} (report: {report_path(report.model)})")
+    print(f"use it: ftflow run CONFIG ingest.quality_model={report.model} "
+          "ingest.quality_threshold=0.5")
+    return 0
+
+
+def _add_quality_model(sub: Any) -> None:
+    """`ftflow quality-model train`: a good/bad fastText classifier for ingest.quality_model."""
+    qm = sub.add_parser("quality-model", help="train the ingest quality classifier")
+    qsub = qm.add_subparsers(dest="quality_command", required=True)
+    tr = qsub.add_parser("train", help="train a good/bad fastText classifier from your examples",
+                         description="Every record of a --good file is labelled good, every "
+                         "record of a --bad file bad (any ftflow input form: chat, ShareGPT, "
+                         "Alpaca, text, preference pairs). Writes the model and a JSON report "
+                         "(PATH with .json) with held-out accuracy.")
+    tr.add_argument("--good", nargs="+", required=True, metavar="FILE", help="good examples")
+    tr.add_argument("--bad", nargs="+", required=True, metavar="FILE", help="bad examples")
+    tr.add_argument("--output", required=True, metavar="PATH",
+                    help="model file: .bin, or .ftz for a quantized (smaller) one")
+    tr.add_argument("--epochs", type=int, default=25)
+    tr.add_argument("--lr", type=float, default=0.5, help="halved automatically on NaN")
+    tr.add_argument("--heldout-fraction", type=float, default=0.2,
+                    help="share of each label held out to measure accuracy (0: none)")
+    tr.add_argument("--min-examples", type=int, default=10, help="per label, at least")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=cmd_quality_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftflow", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -121,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--cron", default="0 3 * * *")
     dp.add_argument("--watch", help="inbox folder: a new file there triggers a run")
     dp.set_defaults(func=cmd_deploy)
+
+    _add_quality_model(sub)
     return p
 
 

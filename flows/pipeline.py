@@ -123,7 +123,9 @@ def run_pipeline(cfg: PipelineConfig, run_id: str | None = None) -> PipelineResu
         "train": train_task, "evaluate": evaluate_task, "export": export_task}.items()}
     d = {name: run_dir / name for name, _ in STAGES}
     calls: dict[str, Callable[[Path], Manifest]] = {
-        "01-ingest": lambda o: tasks["ingest"](cfg.ingest.inputs, o, cfg.ingest, home=home),
+        "01-ingest": lambda o: tasks["ingest"](
+            cfg.ingest.inputs, o, cfg.ingest, home=home, base_model=cfg.train.base_model,
+            trust_remote_code=cfg.train.trust_remote_code),
         "02-pii": lambda o: tasks["pii"](d["01-ingest"], o, cfg.pii, home=home),
         "03-dedup": lambda o: tasks["dedup"](d["02-pii"], o, cfg.dedup, home=home, seed=seed),
         "04-augment": lambda o: tasks["augment"](d["03-dedup"], o, cfg.augment, home=home),

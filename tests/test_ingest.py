@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data_contracts.config import IngestConfig
+from data_contracts.config import ConfigError, IngestConfig
 from data_contracts.manifest import Manifest
 from tasks.assets import ensure_lid_model
 from tasks.ingest import run_ingest
@@ -179,3 +179,156 @@ def test_bundled_sample_data_every_planted_category_in_ledger(tmp_path: Path, ho
     kept_text = " ".join(" ".join(r.texts()) for r in read_records(tmp_path / "out"))
     assert "â€" not in kept_text
     assert m.metrics["language.de"] >= 5 and m.metrics["language.fr"] >= 5
+
+
+# --- preference pairs ------------------------------------------------------------------------
+
+REFUSAL = "I'm sorry, but I cannot help with that. Account details are never shared."
+
+
+def _pair(rid: str, chosen: str, rejected: str, prompt: str = "How do I reset my password? "
+          "I forgot it and cannot log in.") -> dict:
+    return {"id": rid, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+@pytest.fixture()
+def pairs(tmp_path: Path) -> Path:
+    """Preference pairs in both JSONL forms, one with mojibake, refusals on either side."""
+    lines = [
+        _pair("p-ok", ANSWER, "Just make a new account, it is faster than waiting for support."),
+        {"id": "p-conv", "chosen": [
+            {"role": "user", "content": "Where can I find the invoice for my last payment?"},
+            {"role": "assistant", "content": "You can download every invoice as a PDF under "
+             "Settings > Billing > Invoices."}],
+         "rejected": [
+            {"role": "user", "content": "Where can I find the invoice for my last payment?"},
+            {"role": "assistant", "content": "Invoices are not available, please ask your bank "
+             "for a statement instead."}]},
+        _pair("p-moji", "To reset your password you donâ€™t need us: click â€œForgot "
+              "passwordâ€\x9d on the sign-in page and follow the link we send you.",
+              "We canâ€™t help with passwords, try again later when the system works."),
+        _pair("p-refused-rejected", ANSWER, REFUSAL),
+        _pair("p-refused-chosen", REFUSAL, ANSWER,
+              prompt="Give me the password of my colleague's account, I need his files."),
+        # Few words in prompt + chosen; the long rejected reply must not carry it past min_words.
+        _pair("p-short", "Yes.", ANSWER, prompt="Reset?"),
+        _pair("p-fffd", ANSWER, "Your reset link is BB-\ufffd\ufffd and expires in an hour."),
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(obj, ensure_ascii=False) for obj in lines) + "\n")
+    return path
+
+
+def test_preference_pairs_kept_repaired_and_judged_on_chosen(pairs: Path, tmp_path: Path,
+                                                             home: Path) -> None:
+    m = run_ingest(pairs, tmp_path / "out", IngestConfig(), home=home).check()
+    kept = {r.id: r for r in read_records(tmp_path / "out")}
+    assert set(kept) == {"p-ok", "p-conv", "p-moji", "p-refused-rejected", "p-refused-chosen"}
+    assert all(r.kind == "preference" for r in kept.values())
+    assert kept["p-conv"].messages[0].content.startswith("Where can I find the invoice")
+    assert kept["p-conv"].chosen.startswith("You can download every invoice")
+    assert kept["p-ok"].rejected.startswith("Just make a new account")
+
+    moji = kept["p-moji"]
+    assert moji.chosen.startswith("To reset your password you don’t need us: click “Forgot "
+                                  "password”")
+    assert moji.rejected.startswith("We can’t help with passwords")
+    assert moji.meta["encoding_repaired"] is True
+    assert m.metrics["encoding_repaired"] == 1
+
+    filtered = {d["record"]["id"]: d for d in _read(tmp_path / "out/filtered.jsonl.gz")}
+    assert {k: d["reason"] for k, d in filtered.items()} == {"p-short": "min_words",
+                                                              "p-fffd": "encoding"}
+    assert filtered["p-short"]["words"] == 2  # "Reset" + "Yes": rejected is not counted
+    assert filtered["p-fffd"]["char"] == "U+FFFD"  # the bad bytes sit in rejected
+    assert (m.records_in, m.kept, m.quarantined) == (7, 5, 0)
+
+
+def test_refusal_filter_drops_a_refused_chosen_only(pairs: Path, tmp_path: Path,
+                                                    home: Path) -> None:
+    m = run_ingest(pairs, tmp_path / "out", IngestConfig(refusal_filter=True), home=home).check()
+    reasons = {d["record"]["id"]: d["reason"] for d in _read(tmp_path / "out/filtered.jsonl.gz")}
+    assert reasons["p-refused-chosen"] == "refusal"
+    assert "p-refused-rejected" not in reasons  # refusing in the rejected reply is normal
+    assert {r.id for r in read_records(tmp_path / "out")} == {"p-ok", "p-conv", "p-moji",
+                                                              "p-refused-rejected"}
+    assert m.filtered["refusal"] == 1
+
+
+# --- token-length bounds ---------------------------------------------------------------------
+
+LONG_ANSWER = ("You can change or cancel your plan under Settings > Billing > Plan. Upgrades take "
+               "effect immediately and you pay only the prorated difference. Downgrades and "
+               "cancellations take effect at the end of the current billing period, and no data "
+               "is deleted when you downgrade; features of the higher plan become read-only.")
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(home: Path):  # noqa: ANN201 - a transformers tokenizer
+    from transformers import AutoTokenizer
+
+    from tasks.base_model import resolve_base_model
+
+    return AutoTokenizer.from_pretrained(resolve_base_model("builtin:tiny-llama", home))
+
+
+def _template_tokens(tok, messages: list[dict]) -> int:  # noqa: ANN001
+    """Tokens of a chat as training encodes it (tasks/train.py: apply_chat_template)."""
+    return len(tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
+def test_token_length_bounds_count_the_chat_template(tmp_path: Path, home: Path,
+                                                     tiny_tokenizer) -> None:  # noqa: ANN001
+    question = "Hi, can I switch from monthly to yearly billing? I want to pay once a year."
+    records = {
+        "short": _chat("short", "How do I reset my password?", "Use Forgot password on sign-in."),
+        "mid": _chat("mid", question, ANSWER),
+        "long": _chat("long", question, LONG_ANSWER),
+        "pair-long-rejected": _pair("pair-long-rejected", ANSWER, LONG_ANSWER, prompt=question),
+        "text": {"id": "text", "text": ANSWER + " " + ANSWER.replace("30", "45")},
+    }
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records.values()) + "\n")
+
+    def chat_tokens(rid: str) -> int:
+        return _template_tokens(tiny_tokenizer, records[rid]["messages"])
+
+    q = [{"role": "user", "content": question}]
+    pair_rejected = _template_tokens(tiny_tokenizer, q + [{"role": "assistant",
+                                                           "content": LONG_ANSWER}])
+    text_tokens = len(tiny_tokenizer(records["text"]["text"])["input_ids"])
+    assert chat_tokens("short") < chat_tokens("mid") < chat_tokens("long")
+    low, high = chat_tokens("short") + 1, chat_tokens("long") - 1
+    assert pair_rejected > high and text_tokens > low
+
+    cfg = IngestConfig(min_tokens=low, max_tokens=max(high, text_tokens), gopher_quality=False,
+                       gopher_repetition=False)
+    # tokenizer "" falls back to the run's base model, as the pipeline passes it.
+    m = run_ingest(path, tmp_path / "out", cfg, home=home, base_model="builtin:tiny-llama")
+    m.check()
+    filtered = {d["record"]["id"]: d for d in _read(tmp_path / "out/filtered.jsonl.gz")}
+    assert {k: (d["reason"], d["rule"]) for k, d in filtered.items()} == {
+        "short": ("token_length", "too_few_tokens"), "long": ("token_length", "too_many_tokens"),
+        "pair-long-rejected": ("token_length", "too_many_tokens")}
+    assert filtered["short"]["tokens"] == chat_tokens("short")
+    assert filtered["short"]["bound"] == low
+    assert filtered["long"]["tokens"] == chat_tokens("long")
+    assert filtered["pair-long-rejected"]["tokens"] == pair_rejected  # the longer side counts
+    kept = {r.id: r for r in read_records(tmp_path / "out")}
+    assert set(kept) == {"mid", "text"}
+    assert kept["mid"].meta["tokens"] == chat_tokens("mid")
+    assert kept["text"].meta["tokens"] == text_tokens
+    assert m.info["tokenizer"] == "builtin:tiny-llama"
+    assert m.metrics["rule.token_length.too_many_tokens"] == 2
+
+
+def test_token_bounds_need_a_tokenizer_and_cfg_tokenizer_wins(tmp_path: Path, home: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps(_chat("a", "How do I reset my password?")) + "\n")
+    with pytest.raises(ConfigError, match="ingest.tokenizer"):
+        run_ingest(path, tmp_path / "out", IngestConfig(max_tokens=64), home=home)
+    cfg = IngestConfig(max_tokens=8, tokenizer="builtin:tiny-llama")
+    m = run_ingest(path, tmp_path / "out", cfg, home=home, base_model="no/such-model").check()
+    assert m.filtered == {"token_length": 1} and m.info["tokenizer"] == "builtin:tiny-llama"
+    with pytest.raises(ValueError, match="max_tokens"):
+        IngestConfig(min_tokens=10, max_tokens=5)
