@@ -113,6 +113,36 @@ class PiiConfig(_Section):
     )
     batch_size: int = Field(64, gt=0)  # texts per spaCy batch
     sample_size: int = Field(50, ge=0)  # rows in redactions_sample.jsonl
+    # Analysis processes: 0 = one per available CPU (capped), 1 = in the stage's own process.
+    workers: int = Field(0, ge=0)
+
+    def digest(self) -> str:
+        """As every section's, minus `workers`: the output is the same for any worker count."""
+        return _Section.digest(self.model_copy(update={"workers": 0}))
+
+
+class DedupSlurmConfig(_Section):
+    """Handed to datatrove's SlurmPipelineExecutor as is (dedup.executor: slurm)."""
+
+    partition: str = ""
+    time: str = "04:00:00"  # per-task limit (sbatch --time)
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: int = Field(2, ge=1)  # sbatch --mem-per-cpu=<n>G
+    qos: str = "normal"
+    job_name: str = "ftflow-dedup"
+    venv_path: str = ""  # activate script the jobs source; "": this interpreter's bin/activate
+    sbatch_args: dict[str, str] = Field(default_factory=dict)  # extra `#SBATCH --key=value`
+    poll_s: int = Field(30, ge=1)  # how often the stage looks for the jobs' completion markers
+
+
+class DedupRayConfig(_Section):
+    """The cluster and per-task resources for datatrove's RayPipelineExecutor (executor: ray)."""
+
+    address: str = ""  # "": start a local cluster on 127.0.0.1 for the stage; else host:port
+    num_cpus: int | None = Field(None, ge=1)  # local cluster only; None: all cores
+    cpus_per_task: int = Field(1, ge=1)
+    mem_per_cpu_gb: float = Field(1.0, gt=0)  # memory Ray reserves per task CPU
+    tasks_per_job: int = Field(1, ge=1)  # ranks one Ray actor runs (in its own process pool)
 
 
 class DedupConfig(_Section):
@@ -124,7 +154,29 @@ class DedupConfig(_Section):
     # LSH looks for candidates down to this estimated Jaccard; each is then confirmed exactly
     # (lower = fewer pairs near `threshold` missed by MinHash noise, a little slower).
     candidate_threshold: float = Field(0.7, gt=0.0, le=1.0)
-    executor: Literal["local"] = "local"  # datatrove executors (slurm, ray): future work
+    # local: in this process (datasketch LSH, above). datatrove: datatrove's MinHash pipeline on
+    # this machine (LocalPipelineExecutor); slurm / ray: the same pipeline on a cluster
+    # (tasks/dedup_datatrove.py). The same records are removed, naming the same kept ones.
+    executor: Literal["local", "datatrove", "slurm", "ray"] = "local"
+    tasks: int = Field(4, ge=1)  # datatrove: input shards (signature and filter tasks)
+    workers: int = Field(0, ge=0)  # datatrove tasks at once; 0: one per CPU (datatrove), all
+    work_dir: str = ""  # datatrove scratch (shards, signatures, logs); "": <out_dir>/_datatrove
+    slurm: DedupSlurmConfig = Field(default_factory=DedupSlurmConfig, validate_default=True)
+    ray: DedupRayConfig = Field(default_factory=DedupRayConfig)
+
+    @field_validator("slurm")
+    @classmethod
+    def _slurm_partition(cls, v: DedupSlurmConfig, info: Any) -> DedupSlurmConfig:
+        if info.data.get("executor") == "slurm" and not v.partition:
+            raise ValueError("dedup.executor is slurm: set dedup.slurm.partition")
+        return v
+
+    def digest(self) -> str:
+        """As every section's, minus where and how wide it runs (tasks, workers, work_dir,
+        slurm, ray): those leave the output unchanged; in-process vs datatrove still counts."""
+        data = self.model_dump(mode="json", exclude={"tasks", "workers", "work_dir", "slurm", "ray"})
+        data["executor"] = "local" if self.executor == "local" else "datatrove"
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class TeacherConfig(_Section):

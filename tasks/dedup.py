@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import heapq
 import logging
 import math
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +57,7 @@ class _Sig:
     origin: str  # "data" or "heldout": where the record was read from
     is_chat: bool
     key: bytes  # digest of the normalized text
-    minhash: LeanMinHash
+    minhash: LeanMinHash | None  # None when candidates come from elsewhere (datatrove clusters)
     grams: np.ndarray  # sorted 32-bit hashes of its shingles, for the exact Jaccard (4 B each)
 
 
@@ -71,6 +72,10 @@ def crc32_hash(shingle: bytes) -> int:
     return zlib.crc32(shingle)
 
 
+def exact_key(normalized: str) -> bytes:
+    """Digest of a normalized text: records with equal keys are exact duplicates."""
+    return hashlib.blake2b(normalized.encode(), digest_size=16).digest()
+
 
 def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """Jaccard of two shingle-hash sets (sorted, unique)."""
@@ -78,7 +83,8 @@ def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (a.size + b.size - inter)
 
 
-def _stream(input_path: str | Path | list[str]) -> Iterator[tuple[str, ChatSample | Quarantined]]:
+def stream_input(input_path: str | Path | list[str]
+                 ) -> Iterator[tuple[str, ChatSample | Quarantined]]:
     """Every input item in a fixed order: train records (data-*), then the held-out split."""
     for item in iter_input(input_path):
         yield "data", item
@@ -96,8 +102,7 @@ def _signatures(items: Iterable[tuple[str, ChatSample]], cfg: DedupConfig) -> It
         # The shingles are hashed already: int() hands their CRC-32 to MinHash as is.
         hashes = MinHash.bulk([g.tolist() for g in grams], num_perm=cfg.num_perm, hashfunc=int)
         for (origin, rec), norm, mh, g in zip(batch, norms, hashes, grams, strict=True):
-            key = hashlib.blake2b(norm.encode(), digest_size=16).digest()
-            yield _Sig(rec.id, origin, rec.kind == "chat", key, LeanMinHash(mh), g)
+            yield _Sig(rec.id, origin, rec.kind == "chat", exact_key(norm), LeanMinHash(mh), g)
 
     for item in items:
         batch.append(item)
@@ -108,17 +113,52 @@ def _signatures(items: Iterable[tuple[str, ChatSample]], cfg: DedupConfig) -> It
         yield from flush()
 
 
+def text_sig(rid: str, text: str, ngram: int) -> _Sig:
+    """A record's exact key and shingle hashes without a MinHash: for records whose candidate
+    duplicates were found elsewhere (datatrove's clusters)."""
+    norm = normalize(text)
+    return _Sig(rid, "", False, exact_key(norm), None, shingle_hashes(shingles(norm, ngram)))
+
+
+class EvalCarver:
+    """The held-out split, chosen as records stream past: chat records ranked by
+    sha256(seed:id), the first k taken. Only the eval_max best ranks are held, so a corpus of
+    any size needs O(eval_max) memory."""
+
+    def __init__(self, cfg: DedupConfig, seed: int) -> None:
+        self.cfg, self.seed = cfg, seed
+        self.n_chat = 0
+        self._worst_first: list[tuple[int, int]] = []  # (-rank, -index): a max-heap of the best
+
+    def add(self, idx: int, rid: str, is_chat: bool) -> None:
+        if not is_chat:
+            return
+        self.n_chat += 1
+        if self.cfg.eval_max == 0:
+            return
+        rank = int(hashlib.sha256(f"{self.seed}:{rid}".encode()).hexdigest(), 16)
+        item = (-rank, -idx)
+        if len(self._worst_first) < self.cfg.eval_max:
+            heapq.heappush(self._worst_first, item)
+        elif item > self._worst_first[0]:
+            heapq.heapreplace(self._worst_first, item)
+
+    def indices(self) -> set[int]:
+        """Indices (stream positions) of the held-out records."""
+        if self.cfg.eval_fraction <= 0 or self.n_chat < 2:
+            return set()
+        k = min(self.cfg.eval_max, math.ceil(self.cfg.eval_fraction * self.n_chat),
+                self.n_chat - 1)
+        best = sorted((-r, -i) for r, i in self._worst_first)[:k]
+        return {i for _, i in best}
+
+
 def carve_eval(sigs: list[_Sig], cfg: DedupConfig, seed: int) -> set[int]:
     """Indices of the held-out split: chat records ranked by hash(seed, id), first k taken."""
-    chat = [i for i, s in enumerate(sigs) if s.is_chat]
-    if cfg.eval_fraction <= 0 or len(chat) < 2:
-        return set()
-    k = min(cfg.eval_max, math.ceil(cfg.eval_fraction * len(chat)), len(chat) - 1)
-
-    def rank(i: int) -> tuple[str, int]:
-        return hashlib.sha256(f"{seed}:{sigs[i].id}".encode()).hexdigest(), i
-
-    return set(sorted(chat, key=rank)[:k])
+    carver = EvalCarver(cfg, seed)
+    for i, s in enumerate(sigs):
+        carver.add(i, s.id, s.is_chat)
+    return carver.indices()
 
 
 @dataclass
@@ -128,23 +168,27 @@ class _Index:
 
     A MinHash estimate alone misses true pairs just above the threshold (its error at 128
     permutations is about +-0.03), and an LSH tuned to the threshold misses more.
+    With use_lsh=False every kept record is a candidate: for the members of one datatrove
+    cluster, whose candidates were found already.
     """
 
     cfg: DedupConfig
+    use_lsh: bool = True
     exact: dict[bytes, int] = field(default_factory=dict)
     grams: dict[int, np.ndarray] = field(default_factory=dict)
     lsh: MinHashLSH | None = None
 
     def __post_init__(self) -> None:
-        floor = min(self.cfg.candidate_threshold, self.cfg.threshold)
-        self.lsh = MinHashLSH(threshold=floor, num_perm=self.cfg.num_perm)
+        if self.use_lsh:
+            self.lsh = MinHashLSH(threshold=candidate_floor(self.cfg), num_perm=self.cfg.num_perm)
 
     def match(self, sig: _Sig) -> tuple[str, int, float] | None:
         """("exact"|"near", kept index, jaccard) when sig duplicates a kept record."""
         if sig.key in self.exact:
             return "exact", self.exact[sig.key], 1.0
         best: tuple[int, float] | None = None
-        for idx in sorted(self.lsh.query(sig.minhash)):  # sorted: ties go to the first seen
+        candidates = self.lsh.query(sig.minhash) if self.lsh is not None else self.grams
+        for idx in sorted(candidates):  # sorted: ties go to the first seen
             j = exact_jaccard(sig.grams, self.grams[idx])
             if j >= self.cfg.threshold and (best is None or j > best[1]):
                 best = (idx, j)
@@ -153,16 +197,23 @@ class _Index:
     def add(self, idx: int, sig: _Sig) -> None:
         self.exact[sig.key] = idx
         self.grams[idx] = sig.grams
-        self.lsh.insert(idx, sig.minhash)
+        if self.lsh is not None:
+            self.lsh.insert(idx, sig.minhash)
 
 
 Decision = tuple[str, int, float] | None  # (kind, dup_of index, jaccard), None = keep
 
 
-def decide(sigs: list[_Sig], eval_idx: set[int], cfg: DedupConfig) -> dict[int, Decision]:
+def candidate_floor(cfg: DedupConfig) -> float:
+    """The estimated Jaccard down to which LSH proposes candidates for exact confirmation."""
+    return min(cfg.candidate_threshold, cfg.threshold)
+
+
+def decide(sigs: list[_Sig], eval_idx: set[int], cfg: DedupConfig, *,
+           use_lsh: bool = True) -> dict[int, Decision]:
     """Dedup the eval split, then train against eval (contamination) and against itself."""
     decisions: dict[int, Decision] = {}
-    evals, trains = _Index(cfg), _Index(cfg)
+    evals, trains = _Index(cfg, use_lsh), _Index(cfg, use_lsh)
     for i in sorted(eval_idx):
         decisions[i] = evals.match(sigs[i])
         if decisions[i] is None:
@@ -183,40 +234,56 @@ def decide(sigs: list[_Sig], eval_idx: set[int], cfg: DedupConfig) -> dict[int, 
 def run_dedup(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
               home: str | Path, seed: int = 42) -> Manifest:
     """Split off held-out eval (or reuse it), remove exact/near duplicates and eval leaks."""
+    if cfg.executor != "local":
+        from tasks.dedup_datatrove import run_dedup_datatrove
+
+        return run_dedup_datatrove(input_path, out_dir, cfg, home=home, seed=seed)
     digests = input_digests(input_path)
     cdig = cfg.digest()
     if up_to_date(out_dir, digests, f"{cdig}:seed={seed}"):
         return Manifest.read(out_dir)
     # Pass 1: signatures only, so memory holds MinHashes, not records.
-    records = ((o, r) for o, r in _stream(input_path) if isinstance(r, ChatSample))
+    records = ((o, r) for o, r in stream_input(input_path) if isinstance(r, ChatSample))
     sigs = list(_signatures(records, cfg))
     reused = any(s.origin == "heldout" for s in sigs)
     eval_idx = ({i for i, s in enumerate(sigs) if s.origin == "heldout"} if reused
                 else carve_eval(sigs, cfg, seed))
     decisions = decide(sigs, eval_idx, cfg)
-    # Pass 2: stream the records again and write each where its decision sends it.
+    removed = {i: (d[0], sigs[d[1]].id, d[2]) for i, d in decisions.items() if d is not None}
+    return write_stage(input_path, out_dir, eval_idx, removed, digests=digests,
+                       config_digest=f"{cdig}:seed={seed}",
+                       info={"heldout": "reused" if reused else "carved", "seed": seed,
+                             "executor": cfg.executor})
+
+
+Removal = tuple[str, str, float]  # (kind, id of the record it duplicates, jaccard)
+
+
+def write_stage(input_path: str | Path, out_dir: str | Path, eval_idx: set[int],
+                removed: Mapping[int, Removal], *, digests: dict[str, str], config_digest: str,
+                info: dict, metrics: dict[str, float] | None = None) -> Manifest:
+    """Pass 2 of every dedup path: stream the input again and write each record where its
+    decision (by stream position) sends it: held-out, train, or deduplicated naming dup_of."""
     writer = StageWriter(out_dir, "dedup")
     kinds: Counter[str] = Counter()
     idx = 0
-    for _, item in _stream(input_path):
+    for _, item in stream_input(input_path):
         if isinstance(item, Quarantined):
             writer.quarantine(item)
             continue
-        decision = decisions[idx]
-        if decision is None:
-            writer.keep(item, split="eval" if idx in eval_idx else "train")
-        else:
-            kind, dup_of, jaccard = decision
+        if idx in removed:
+            kind, dup_of, jaccard = removed[idx]
             kinds[kind] += 1
-            writer.duplicate(item, dup_of=sigs[dup_of].id, kind=kind, jaccard=round(jaccard, 4))
+            writer.duplicate(item, dup_of=dup_of, kind=kind, jaccard=round(jaccard, 4))
+        else:
+            writer.keep(item, split="eval" if idx in eval_idx else "train")
         idx += 1
-    metrics = {f"dedup.{k}": float(kinds[k]) for k in ("exact", "near", "eval_contamination")}
-    logger.info("dedup: %d records, eval %s (%d), removed %s", len(sigs),
-                "reused" if reused else "carved", len(eval_idx), dict(kinds))
-    return writer.finish(len(sigs) + writer.manifest.quarantined, input_digests=digests,
-                         config_digest=f"{cdig}:seed={seed}", metrics=metrics,
-                         info={"heldout": "reused" if reused else "carved", "seed": seed,
-                               "executor": cfg.executor})
+    stage_metrics = {f"dedup.{k}": float(kinds[k]) for k in ("exact", "near", "eval_contamination")}
+    logger.info("dedup: %d records, eval %s (%d), removed %s", idx, info.get("heldout"),
+                len(eval_idx), dict(kinds))
+    return writer.finish(idx + writer.manifest.quarantined, input_digests=digests,
+                         config_digest=config_digest, metrics={**stage_metrics, **(metrics or {})},
+                         info=info)
 
 
 dedup_task = task(name="dedup", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])(run_dedup)

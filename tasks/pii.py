@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import json
 import logging
+import multiprocessing
+import os
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +21,6 @@ import spacy
 from prefect import task
 from presidio_analyzer import (
     AnalyzerEngine,
-    BatchAnalyzerEngine,
     EntityRecognizer,
     Pattern,
     PatternRecognizer,
@@ -56,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_NAME = "redactions_sample.jsonl"
 CHUNK = 512  # records analysed together; bounds memory, keeps spaCy batches full
+MAX_AUTO_WORKERS = 8  # pii.workers=0: one process per CPU up to this
 
 PLACEHOLDERS = {
     "EMAIL_ADDRESS": "<EMAIL>", "PHONE_NUMBER": "<PHONE>", "CREDIT_CARD": "<CREDIT_CARD>",
@@ -98,6 +102,7 @@ URL_CREDENTIALS_PATTERN = Pattern(
 MIN_DIGITS = {"CREDIT_CARD": 13, "US_SSN": 9}
 # Digits joined by up to 4 non-word characters ('x' and U+30FC are phonenumbers separators too).
 _DIGIT_RUN = re.compile(r"\d(?:[\W_xX\u30fc]{0,4}\d)*")
+# Lowercase literals only: ASCII texts are lowercased before the screen (see PreScreen).
 SCREENS = {
     "EMAIL_ADDRESS": r"@",
     "IBAN_CODE": r"[a-z]{2}[0-9]{2}",
@@ -142,14 +147,42 @@ class _IpRecognizer(IpRecognizer):
         return ip.is_unspecified or ip.is_loopback
 
 
+class _ShortCandidateSkippingMatcher(phonenumbers.PhoneNumberMatcher):
+    """phonenumbers' matcher that rejects a candidate too short to be a number, before parsing.
+
+    Most candidates in real text are dates, versions and counts of 1-5 digits; the stock matcher
+    parses and validates each of them (and their inner groups) once per region, the bulk of the
+    phone recogniser's time. A valid number in the matcher's region has at least `min_chars`
+    digits (`phone_min_digits`), and letters count too (phonenumbers reads 3+ letters as a vanity
+    number, 'x' -> 9), so skipping shorter candidates changes no match. The two overridden
+    hooks are private to phonenumbers: if a release renames them the stock code simply runs.
+    """
+
+    def __init__(self, text: str, region: str, leniency: int, min_chars: int) -> None:
+        super().__init__(text, region, leniency=leniency)
+        self.min_chars = min_chars
+
+    def _too_short(self, candidate: str) -> bool:
+        return sum(map(str.isalnum, candidate)) < self.min_chars
+
+    def _extract_match(self, candidate, offset):  # type: ignore[no-untyped-def]
+        # Inner matches are substrings of `candidate`: none can be long enough either.
+        return None if self._too_short(candidate) else super()._extract_match(candidate, offset)
+
+    def _parse_and_verify(self, candidate, offset):  # type: ignore[no-untyped-def]
+        if self._too_short(candidate):
+            return None
+        return super()._parse_and_verify(candidate, offset)
+
+
 class _PhoneRecognizer(PhoneRecognizer):
-    """Presidio's phone recogniser, skipping regions whose shortest number cannot fit the text,
-    and dropping digit strings that read as something else (`_not_a_phone`)."""
+    """Presidio's phone recogniser, skipping regions whose shortest number cannot fit the text
+    and candidates too short to be a number (`_ShortCandidateSkippingMatcher`), and dropping
+    digit strings that read as something else (`_not_a_phone`)."""
 
     def __init__(self, regions: tuple[str, ...]) -> None:
         super().__init__(supported_regions=regions, leniency=1)
-        intl = min_intl_phone_digits()
-        self.min_digits = {r: min(national_phone_digits(r), intl) for r in regions}
+        self.min_digits = {r: phone_min_digits(r) for r in regions}
 
     def analyze(self, text: str, entities: list[str],
                 nlp_artifacts: NlpArtifacts | None = None) -> list[RecognizerResult]:
@@ -158,7 +191,8 @@ class _PhoneRecognizer(PhoneRecognizer):
         for region in self.supported_regions:
             if run < self.min_digits[region]:
                 continue
-            for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=self.leniency):
+            for match in _ShortCandidateSkippingMatcher(text, region, self.leniency,
+                                                        self.min_digits[region]):
                 if not _not_a_phone(text, match.start, match.raw_string, match.end):
                     results.append(self._get_recognizer_result(match, text, region, nlp_artifacts))
         return EntityRecognizer.remove_duplicates(results)
@@ -198,6 +232,18 @@ def national_phone_digits(region: str, calling_code: int = 0) -> int:
 
 
 @functools.cache
+def phone_min_digits(region: str) -> int:
+    """Fewest digits of any number valid when read with `region` as the default region.
+
+    A national number may be valid for any region sharing the calling code (US -> CA's
+    7-digit numbers); a "+<code>" or IDD-prefixed one for any calling code at all.
+    """
+    code = phonenumbers.country_code_for_region(region)
+    shared = phonenumbers.COUNTRY_CODE_TO_REGION_CODE.get(code, (region,))
+    return min(min_intl_phone_digits(), *(national_phone_digits(r) for r in shared))
+
+
+@functools.cache
 def min_intl_phone_digits() -> int:
     """Fewest digits of any valid "+<country code>" number, over every country code."""
     return min(len(str(cc)) + national_phone_digits(region, cc)
@@ -205,15 +251,89 @@ def min_intl_phone_digits() -> int:
                for region in regions)
 
 
+def digit_run_pattern(digits: int) -> str:
+    """A regex for `digits` digits at most 4 separators apart (`longest_digit_run` >= digits)."""
+    return rf"\d(?:[\W_xX\u30fc]{{0,4}}\d){{{max(digits - 1, 0)}}}"
+
+
+@dataclass(frozen=True)
+class _Regexes:
+    """One compiled form of the screen: per entity type, and all of them in one pattern."""
+
+    tests: tuple[tuple[str, re.Pattern[str]], ...]
+    any_test: re.Pattern[str] | None
+
+    @classmethod
+    def compile(cls, regexes: dict[str, str], flags: int) -> "_Regexes":
+        joined = "|".join(f"(?:{r})" for r in regexes.values())
+        return cls(tuple((e, re.compile(r, flags)) for e, r in regexes.items()),
+                   re.compile(joined, flags) if joined else None)
+
+
+@dataclass(frozen=True)
+class PreScreen:
+    """Which active entity types a text could hold, decided by one regex per type.
+
+    Each regex is a necessary condition of its recognisers (a keyword, an '@', enough digits in
+    a row), so a type it rules out would have matched nothing: the analyzer runs only the
+    recognisers a text needs, and never sees a text that needs none. `always` are the types
+    with no cheap test (a spaCy NER model): with one configured, every text is analysed.
+
+    The regexes match case-insensitively, as the recognisers do. An ASCII text is lowercased
+    and searched case-sensitively instead (`lowered`, the same result for ASCII text and
+    lowercase patterns, ~2.5x faster); any other text goes through `folded` (re.IGNORECASE,
+    whose Unicode folds, e.g. the Kelvin sign for 'k', lowercasing would not reproduce).
+    """
+
+    folded: _Regexes
+    lowered: _Regexes | None  # None when a pattern is not ASCII
+    always: tuple[str, ...] = ()
+
+    def _view(self, text: str) -> tuple[str, _Regexes]:
+        if self.lowered is not None and text.isascii():
+            return text.lower(), self.lowered
+        return text, self.folded
+
+    def __call__(self, text: str) -> bool:
+        """True when the text could hold any active entity."""
+        if self.always:
+            return True
+        text, regexes = self._view(text)
+        return bool(regexes.any_test and regexes.any_test.search(text))
+
+    def entities(self, text: str) -> tuple[str, ...]:
+        """The active entity types this text could hold (empty: skip the analyzer)."""
+        if not self(text):
+            return ()
+        text, regexes = self._view(text)
+        return (*self.always, *(entity for entity, test in regexes.tests if test.search(text)))
+
+
+def build_screen(entities: set[str], regions: tuple[str, ...], deny_list: tuple[str, ...],
+                 ner: bool) -> PreScreen:
+    """The pre-screen for these active entity types (see `PreScreen`)."""
+    always = tuple(e for e in NER_ENTITIES if ner and e in entities)
+    digits = {e: MIN_DIGITS[e] for e in entities if e in MIN_DIGITS}
+    if "PHONE_NUMBER" in entities:
+        digits["PHONE_NUMBER"] = min(phone_min_digits(r) for r in regions)
+    regexes = {e: SCREENS[e] for e in entities if e in SCREENS}
+    regexes |= {e: digit_run_pattern(n) for e, n in digits.items()}
+    if deny_list and "PERSON" in entities and "PERSON" not in always:
+        regexes["PERSON"] = "|".join(re.escape(w.lower()) for w in deny_list)
+    ordered = {e: regexes[e] for e in PLACEHOLDERS if e in regexes}
+    ascii_only = all(r.isascii() for r in ordered.values())
+    return PreScreen(_Regexes.compile(ordered, re.IGNORECASE),
+                     _Regexes.compile(ordered, 0) if ascii_only else None, always)
+
+
 @dataclass(frozen=True)
 class PiiEngine:
     """One analyzer + anonymizer, the active entity types and the pre-screen derived from them."""
 
     analyzer: AnalyzerEngine
-    batch: BatchAnalyzerEngine
     anonymizer: AnonymizerEngine
     entities: tuple[str, ...]
-    screen: Callable[[str], bool]
+    screen: PreScreen
 
 
 def _load_nlp(model: str) -> tuple[Language, bool]:
@@ -256,29 +376,6 @@ def _recognizers(entities: set[str], deny_list: tuple[str, ...],
     return out
 
 
-def _build_screen(entities: set[str], regions: tuple[str, ...], deny_list: tuple[str, ...],
-                  ner: bool) -> Callable[[str], bool]:
-    """A cheap test that is False only for texts no active recogniser could match."""
-    if ner:
-        return lambda text: True
-    min_digits = [MIN_DIGITS[e] for e in entities if e in MIN_DIGITS]
-    if "PHONE_NUMBER" in entities:
-        min_digits.append(min(min_intl_phone_digits(),
-                              *(national_phone_digits(r) for r in regions)))
-    regexes = [SCREENS[e] for e in entities if e in SCREENS]
-    if deny_list and "PERSON" in entities:
-        regexes.append("|".join(re.escape(w) for w in deny_list))
-    pattern = re.compile("|".join(f"(?:{r})" for r in regexes), re.IGNORECASE) if regexes else None
-    need = min(min_digits, default=None)
-
-    def screen(text: str) -> bool:
-        if pattern is not None and pattern.search(text):
-            return True
-        return need is not None and longest_digit_run(text) >= need
-
-    return screen
-
-
 @functools.lru_cache(maxsize=4)
 def _engine(entities: tuple[str, ...], spacy_model: str, deny_list: tuple[str, ...],
             regions: tuple[str, ...]) -> PiiEngine:
@@ -301,8 +398,8 @@ def _engine(entities: tuple[str, ...], spacy_model: str, deny_list: tuple[str, .
     logger.info("pii: active entity types: %s%s", ", ".join(order),
                 f" (inactive, need pii.spacy_model or deny_list_persons: {', '.join(inactive)})"
                 if inactive else "")
-    return PiiEngine(analyzer, BatchAnalyzerEngine(analyzer), AnonymizerEngine(), tuple(order),
-                     _build_screen(active, regions, deny_list, ner))
+    return PiiEngine(analyzer, AnonymizerEngine(), tuple(order),
+                     build_screen(active, regions, deny_list, ner))
 
 
 def get_engine(cfg: PiiConfig) -> PiiEngine:
@@ -389,33 +486,121 @@ class _Stats:
     sample: list[dict[str, str]] = field(default_factory=list)
 
 
-def _analyze(texts: list[str], engine: PiiEngine, cfg: PiiConfig,
-             stats: _Stats) -> list[list[RecognizerResult]]:
-    """Analyzer results per text; texts the screen rules out are never analysed."""
-    todo = [i for i, t in enumerate(texts) if engine.screen(t)]
-    stats.texts_screened_out += len(texts) - len(todo)
-    stats.texts_analyzed += len(todo)
-    results: list[list[RecognizerResult]] = [[] for _ in texts]
-    found = engine.batch.analyze_iterator(
-        [texts[i] for i in todo], language="en", batch_size=cfg.batch_size,
-        entities=list(engine.entities), score_threshold=cfg.score_threshold)
-    for i, res in zip(todo, found, strict=True):
-        results[i] = res
-    return results
+# One analyzer result, as it travels back from a worker: entity type, start, end, score.
+Finding = tuple[str, int, int, float]
+# A text to analyse and the entity types the pre-screen left possible for it.
+Job = tuple[str, tuple[str, ...]]
 
 
-def _scrub_chunk(chunk: list[ChatSample], engine: PiiEngine, cfg: PiiConfig,
-                 stats: _Stats) -> Iterator[ChatSample]:
+def analyze_jobs(engine: PiiEngine, cfg: PiiConfig, jobs: list[Job]) -> list[list[Finding]]:
+    """Analyzer results per text, spaCy run over the batch at once (as BatchAnalyzerEngine
+    does), each text asking only for the entity types its pre-screen left possible."""
+    docs = engine.analyzer.nlp_engine.process_batch(
+        [text for text, _ in jobs], language="en", batch_size=cfg.batch_size)
+    out = []
+    for (text, entities), (_, nlp_artifacts) in zip(jobs, docs, strict=True):
+        found = engine.analyzer.analyze(text, language="en", entities=list(entities),
+                                        score_threshold=cfg.score_threshold,
+                                        nlp_artifacts=nlp_artifacts)
+        out.append([(r.entity_type, r.start, r.end, r.score) for r in found])
+    return out
+
+
+_worker_cfg: PiiConfig | None = None
+
+
+def _init_worker(cfg: PiiConfig) -> None:
+    """Pool initializer: a forked worker inherits the parent's built engine from the cache."""
+    global _worker_cfg
+    _worker_cfg = cfg
+    get_engine(cfg)
+
+
+def _analyze_in_worker(jobs: list[Job]) -> list[list[Finding]]:
+    assert _worker_cfg is not None, "worker started without _init_worker"
+    return analyze_jobs(get_engine(_worker_cfg), _worker_cfg, jobs)
+
+
+def worker_count(requested: int) -> int:
+    """Analysis processes for `pii.workers`: 0 = the CPUs this process may use, up to
+    MAX_AUTO_WORKERS (one process then reads, screens and writes for all of them)."""
+    if requested > 0:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, MAX_AUTO_WORKERS))
+
+
+@contextlib.contextmanager
+def _analysis(engine: PiiEngine, cfg: PiiConfig) -> Iterator[tuple[Submit, int]]:
+    """How chunks get analysed: in this process (results at once), or in a pool of worker
+    processes with up to `window` chunks in flight."""
+    workers = worker_count(cfg.workers)
+    if workers == 1:
+        yield (lambda jobs: _done(analyze_jobs(engine, cfg, jobs))), 0
+        return
+    # fork: workers share the built engine and start in milliseconds; spawn (where fork is
+    # missing) re-imports and rebuilds it in each worker.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(cfg,))
+    try:
+        yield functools.partial(pool.submit, _analyze_in_worker), 2 * workers
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _done(value: list[list[Finding]]) -> Future[list[list[Finding]]]:
+    future: Future[list[list[Finding]]] = Future()
+    future.set_result(value)
+    return future
+
+
+Submit = Callable[[list[Job]], "Future[list[list[Finding]]]"]
+
+
+@dataclass
+class _Pending:
+    """A chunk whose screened texts are being analysed."""
+
+    split: str
+    records: list[ChatSample]
+    texts: list[str]
+    analysed: list[int]  # indexes into `texts` sent to the analyzer
+    findings: Future[list[list[Finding]]]
+
+
+def _submit(split: str, chunk: list[ChatSample], engine: PiiEngine, submit: Submit,
+            stats: _Stats) -> _Pending:
+    """Screen a chunk's texts and send those that could hold an entity to the analyzer."""
     texts = [t for rec in chunk for t in rec.texts()]
-    results = iter(_analyze(texts, engine, cfg, stats))
-    for rec in chunk:
+    jobs, analysed = [], []
+    for i, text in enumerate(texts):
+        entities = engine.screen.entities(text)
+        if entities:
+            jobs.append((text, entities))
+            analysed.append(i)
+    stats.texts_screened_out += len(texts) - len(jobs)
+    stats.texts_analyzed += len(jobs)
+    return _Pending(split, chunk, texts, analysed, submit(jobs) if jobs else _done([]))
+
+
+def _redact(pending: _Pending, engine: PiiEngine, cfg: PiiConfig,
+            stats: _Stats) -> Iterator[ChatSample]:
+    """The chunk's records with every finding replaced (the anonymizer only sees texts with
+    findings); counts and the masked sample go into `stats`."""
+    found: list[list[Finding]] = [[] for _ in pending.texts]
+    for i, res in zip(pending.analysed, pending.findings.result(), strict=True):
+        found[i] = res
+    results = iter(found)
+    for rec in pending.records:
         redactor = _Redactor(cfg.mode)
         operators = redactor.operators(engine.entities)
         new_texts = []
         for text in rec.texts():
-            found = next(results)
-            new_texts.append(engine.anonymizer.anonymize(text, found, operators).text
-                             if found else text)
+            hits = [RecognizerResult(*hit) for hit in next(results)]
+            new_texts.append(engine.anonymizer.anonymize(text, hits, operators).text
+                             if hits else text)
         if not redactor.events:
             yield rec
             continue
@@ -428,6 +613,22 @@ def _scrub_chunk(chunk: list[ChatSample], engine: PiiEngine, cfg: PiiConfig,
                                      "masked": mask(entity, value)})
         out = rec.with_texts(new_texts)
         yield out.model_copy(update={"meta": {**rec.meta, "pii": dict(sorted(counts.items()))}})
+
+
+def _scrubbed(chunks: Iterable[tuple[str, list[ChatSample]]], engine: PiiEngine,
+              cfg: PiiConfig, stats: _Stats) -> Iterator[tuple[str, ChatSample]]:
+    """(split, record) for every record, in input order, whichever way chunks are analysed:
+    the output and the ledger are the same for any `pii.workers`."""
+    with _analysis(engine, cfg) as (submit, window):
+        pending: deque[_Pending] = deque()
+        for split, chunk in chunks:
+            pending.append(_submit(split, chunk, engine, submit, stats))
+            while len(pending) > window:
+                done = pending.popleft()
+                yield from ((done.split, rec) for rec in _redact(done, engine, cfg, stats))
+        while pending:
+            done = pending.popleft()
+            yield from ((done.split, rec) for rec in _redact(done, engine, cfg, stats))
 
 
 def _chunks(items: Iterable[ChatSample | Quarantined],
@@ -461,12 +662,14 @@ def run_pii(input_path: str | Path, out_dir: str | Path, cfg: PiiConfig, *,
     engine = get_engine(cfg)
     writer = StageWriter(out_dir, "pii")
     stats = _Stats()
+    chunks = ((split, chunk)
+              for split, items in (("train", iter_input(input_path)),
+                                   ("eval", _heldout(input_path)))
+              for chunk in _chunks(items, writer))
     records_in = 0
-    for split, items in (("train", iter_input(input_path)), ("eval", _heldout(input_path))):
-        for chunk in _chunks(items, writer):
-            records_in += len(chunk)
-            for rec in _scrub_chunk(chunk, engine, cfg, stats):
-                writer.keep(rec, split=split)
+    for split, rec in _scrubbed(chunks, engine, cfg, stats):
+        writer.keep(rec, split=split)
+        records_in += 1
     records_in += writer.manifest.quarantined
     sample_path = Path(out_dir) / SAMPLE_NAME
     sample_path.write_text("".join(json.dumps(row) + "\n" for row in stats.sample))

@@ -1,0 +1,371 @@
+"""Stage 3 on datatrove's MinHash pipeline, for corpora beyond one machine.
+
+The contract of tasks.dedup.run_dedup (same stage directory, held-out carve, removal kinds,
+every removed record naming the kept one it duplicates), with the all-pairs work done by
+datatrove's four MinHash steps on the executor `dedup.executor` names:
+
+    datatrove -> LocalPipelineExecutor  (processes on this machine)
+    slurm     -> SlurmPipelineExecutor  (sbatch array jobs; work_dir must be on a shared disk)
+    ray       -> RayPipelineExecutor    (ray.address, or a local cluster started for the stage)
+
+1. Driver: stream the input once, writing the texts as datatrove JSONL shards (doc id = the
+   record's stream position, the index run_dedup uses too) and choosing the held-out split.
+2. datatrove: signatures (on our shingles) -> buckets -> clusters (save_cluster_id) -> filter
+   (load_cluster_ids). Every doc that landed in a cluster is written out with its cluster id:
+   the one datatrove keeps and those it drops.
+3. Driver: datatrove keeps each cluster's union-find root, and its clusters are transitive
+   (A~B and B~C put A and C together). So each cluster is replayed through tasks.dedup.decide:
+   held-out first, first seen kept, each member confirmed by the exact Jaccard against the kept
+   ones. A removed record thus names the record it truly duplicates, as in process.
+4. Driver: stream the input again and write the stage through StageWriter.
+
+num_perm -> MinhashConfig: datatrove's LSH is num_buckets bands of hashes_per_bucket hashes.
+We take the bands x rows datasketch's MinHashLSH picks for num_perm at the candidate floor
+min(candidate_threshold, threshold), i.e. the in-process banding (num_perm 128 at 0.7: 14 x 9,
+126 hashes used). Candidates are then confirmed at `threshold` exactly, as in process.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datasketch import MinHashLSH
+from datatrove.data import DocumentsPipeline
+from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
+from datatrove.executor.base import PipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.minhash import (
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
+)
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+
+from data_contracts.config import DedupConfig, DedupRayConfig
+from data_contracts.manifest import Manifest
+from data_contracts.records import ChatSample
+from tasks.dedup import (
+    EvalCarver,
+    Removal,
+    candidate_floor,
+    decide,
+    normalize,
+    shingle_hashes,
+    shingles,
+    stream_input,
+    text_sig,
+    write_stage,
+)
+from tasks.io import input_digests, up_to_date
+
+logger = logging.getLogger(__name__)
+
+Member = tuple[int, str, str]  # (stream position, record id, text) of one clustered record
+
+
+def minhash_config(cfg: DedupConfig) -> MinhashConfig:
+    """datatrove's LSH for cfg: num_perm as the bands x rows datasketch uses in process."""
+    lsh = MinHashLSH(threshold=candidate_floor(cfg), num_perm=cfg.num_perm)
+    return MinhashConfig(n_grams=cfg.ngram, num_buckets=lsh.b, hashes_per_bucket=lsh.r)
+
+
+class ShingleSignature(MinhashDedupSignature):
+    """datatrove's signature step on ftflow's shingles (normalize, word n-grams, CRC-32).
+
+    They are the sets the exact Jaccard is computed on, so exact duplicates always share every
+    bucket; and a text shorter than n words is one shingle (datatrove's own shingling gives it
+    none, so it would never be deduplicated).
+    """
+
+    name = "🎯 MinHash stage 1 (ftflow shingles)"
+
+    def get_shingles(self, text: str) -> np.ndarray:
+        grams = shingle_hashes(shingles(normalize(text), self.config.n_grams))
+        return grams.astype(np.uint64).reshape(-1, 1)
+
+
+class KeepClustered(PipelineStep):
+    """Passes on only the docs the cluster step put in a cluster: all the driver reads back."""
+
+    type = "🫂 - DEDUP"
+    name = "🎯 clustered docs"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            self.stat_update("total")
+            if doc.metadata.get("minhash_cluster_id", -1) != -1:
+                self.stat_update("clustered")
+                yield doc
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """The scratch of one run: shards, signatures, buckets, cluster files and datatrove logs."""
+
+    root: Path
+
+    @property
+    def shards(self) -> Path:
+        return self.root / "input"
+
+    @property
+    def remove(self) -> Path:
+        return self.root / "remove"
+
+    @property
+    def clusters(self) -> Path:
+        return self.root / "clusters"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+
+def work_dir(cfg: DedupConfig, out_dir: str | Path, key: str) -> WorkDir:
+    """<work_dir or out_dir/_datatrove>/<key>: a relaunch with the same input and config finds
+    its finished datatrove tasks (completion markers) there; another config starts afresh."""
+    base = Path(cfg.work_dir) if cfg.work_dir else Path(out_dir) / "_datatrove"
+    return WorkDir(base / key)
+
+
+def _stages(cfg: DedupConfig, work: WorkDir) -> list[tuple[str, list[PipelineStep], int]]:
+    """(name, steps, tasks) of the four datatrove stages."""
+    mh = minhash_config(cfg)
+    sigs, buckets = work / "signatures", work / "buckets"
+
+    def shards() -> JsonlReader:
+        return JsonlReader(str(work.shards), glob_pattern="*.jsonl.gz")
+
+    return [
+        ("signatures", [shards(), ShingleSignature(str(sigs), config=mh)], cfg.tasks),
+        ("buckets", [MinhashDedupBuckets(str(sigs), str(buckets), config=mh)], mh.num_buckets),
+        ("clusters", [MinhashDedupCluster(str(buckets), str(work.remove), config=mh,
+                                          save_cluster_id=True)], 1),
+        ("filter", [shards(),
+                    MinhashDedupFilter(str(work.remove), load_cluster_ids=True,
+                                       exclusion_writer=JsonlWriter(str(work.clusters / "removed"))),
+                    KeepClustered(), JsonlWriter(str(work.clusters / "kept"))], cfg.tasks),
+    ]
+
+
+def _venv_activate() -> str:
+    """This interpreter's venv activate script, for Slurm jobs to source ("" if none)."""
+    script = Path(sys.prefix) / "bin" / "activate"
+    return str(script) if script.exists() else ""
+
+
+def build_executors(cfg: DedupConfig, work: WorkDir) -> dict[str, PipelineExecutor]:
+    """One executor per datatrove stage, in order, of the kind cfg.executor names. Slurm ones
+    are chained with `depends`, so submitting the last queues all four (sbatch dependencies)."""
+    executors: list[PipelineExecutor] = []
+    names = []
+    for name, steps, tasks in _stages(cfg, work):
+        names.append(name)
+        logs = str(work / "logs" / name)
+        if cfg.executor == "datatrove":
+            workers = min(cfg.workers or os.cpu_count() or 1, tasks)
+            executors.append(LocalPipelineExecutor(steps, tasks=tasks, workers=workers,
+                                                   logging_dir=logs))
+        elif cfg.executor == "ray":
+            r = cfg.ray
+            executors.append(RayPipelineExecutor(
+                steps, tasks=tasks, workers=cfg.workers or -1, logging_dir=logs,
+                cpus_per_task=r.cpus_per_task, mem_per_cpu_gb=r.mem_per_cpu_gb,
+                tasks_per_job=r.tasks_per_job))
+        elif cfg.executor == "slurm":
+            s = cfg.slurm
+            executors.append(SlurmPipelineExecutor(
+                steps, tasks=tasks, workers=cfg.workers or -1, logging_dir=logs,
+                partition=s.partition, time=s.time, cpus_per_task=s.cpus_per_task,
+                mem_per_cpu_gb=s.mem_per_cpu_gb, qos=s.qos, job_name=f"{s.job_name}-{name}",
+                venv_path=s.venv_path or _venv_activate(), sbatch_args=dict(s.sbatch_args),
+                depends=executors[-1] if executors else None))
+        else:
+            raise ValueError(f"dedup.executor {cfg.executor!r} does not run on datatrove")
+    return dict(zip(names, executors, strict=True))
+
+
+def _export(input_path: str | Path, work: WorkDir, cfg: DedupConfig,
+            seed: int) -> tuple[set[int], bool]:
+    """Write the records' texts as cfg.tasks shards (round-robin by stream position) and choose
+    the held-out split as they pass: (held-out positions, reused an existing split?)."""
+    carver = EvalCarver(cfg, seed)
+    heldout: set[int] = set()
+    work.shards.mkdir(parents=True, exist_ok=True)
+    files = [gzip.open(work.shards / f"{r:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=1)
+             for r in range(cfg.tasks)]
+    try:
+        idx = 0
+        for origin, rec in stream_input(input_path):
+            if not isinstance(rec, ChatSample):
+                continue
+            carver.add(idx, rec.id, rec.kind == "chat")
+            if origin == "heldout":
+                heldout.add(idx)
+            # datatrove's reader skips empty texts; " " normalizes to "" like an empty one.
+            doc = {"id": str(idx), "text": rec.joined_text() or " ", "rid": rec.id}
+            files[idx % cfg.tasks].write(json.dumps(doc, ensure_ascii=False) + "\n")
+            idx += 1
+    finally:
+        for fh in files:
+            fh.close()
+    return (heldout, True) if heldout else (carver.indices(), False)
+
+
+def _prepare_filter_inputs(work: WorkDir, tasks: int) -> None:
+    """An empty .remove and .clusters file for every rank. The cluster step writes them only
+    for ranks that hold cluster members, and without a .remove file datatrove's filter skips
+    loading cluster ids, so a rank holding only kept roots would lose theirs."""
+    work.remove.mkdir(parents=True, exist_ok=True)
+    for rank in range(tasks):
+        for ext in ("remove", "clusters"):
+            (work.remove / f"{rank:06d}.{ext}").touch()
+
+
+@contextmanager
+def _ray_session(rcfg: DedupRayConfig) -> Iterator[dict[str, str]]:
+    """The Ray cluster the executor runs on: the caller's, when ray is initialized already;
+    rcfg.address when set; else a local one started for the stage on 127.0.0.1, then stopped."""
+    if not rcfg.address and "ray" not in sys.modules:
+        # Read once, when ray is imported: with it off, a local cluster and the workers it
+        # starts listen on the loopback, not on the host's address (ray_constants).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        yield {"ray_cluster": "existing", "ray_node_ip": ray.util.get_node_ip_address()}
+        return
+    if rcfg.address:
+        ray.init(address=rcfg.address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=rcfg.num_cpus, include_dashboard=False,
+                 log_to_driver=False)
+    try:
+        yield {"ray_cluster": rcfg.address or "local",
+               "ray_node_ip": ray.util.get_node_ip_address()}
+    finally:
+        ray.shutdown()
+
+
+def _check_complete(executor: PipelineExecutor, name: str) -> None:
+    """Raise unless every task left its completion marker (Ray only logs failed tasks)."""
+    missing = executor.get_incomplete_ranks()
+    if missing:
+        raise RuntimeError(f"datatrove dedup stage {name}: tasks {missing} did not complete; "
+                           f"see {executor.logging_dir.path}/logs")
+
+
+def _wait_for_slurm(executors: dict[str, PipelineExecutor], poll_s: int) -> None:
+    """Block until every task of every stage has finished; fail once squeue no longer lists
+    the jobs while completion markers are still missing."""
+    jobs = ",".join(str(ex.job_id) for ex in executors.values() if ex.job_id not in (None, -1))
+    while any(ex.get_incomplete_ranks() for ex in executors.values()):
+        queued = subprocess.run(["squeue", "-h", "-j", jobs], capture_output=True,
+                                text=True).stdout.strip()
+        if not queued:
+            for name, ex in executors.items():
+                _check_complete(ex, name)
+            return
+        time.sleep(poll_s)
+
+
+def _run_in_order(executors: dict[str, PipelineExecutor]) -> None:
+    for name, executor in executors.items():
+        executor.run()
+        _check_complete(executor, name)
+
+
+def run_datatrove(cfg: DedupConfig, work: WorkDir) -> dict[str, str]:
+    """Run the four stages on cfg.executor, each to completion; returns facts for the manifest."""
+    executors = build_executors(cfg, work)
+    _prepare_filter_inputs(work, cfg.tasks)
+    if cfg.executor == "slurm":
+        executors["filter"].run()  # submits the whole chain
+        _wait_for_slurm(executors, cfg.slurm.poll_s)
+        return {}
+    if cfg.executor == "ray":
+        with _ray_session(cfg.ray) as facts:
+            _run_in_order(executors)
+        return facts
+    _run_in_order(executors)
+    return {}
+
+
+def read_clusters(work: WorkDir) -> tuple[dict[int, list[Member]], int]:
+    """datatrove's clusters as {cluster id: members in stream order}, and how many members
+    datatrove's filter itself dropped (for comparison with the confirmed removals)."""
+    clusters: dict[int, list[Member]] = defaultdict(list)
+    dropped = 0
+    for part in ("kept", "removed"):
+        for path in sorted((work.clusters / part).glob("*.jsonl.gz")):
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                for line in fh:
+                    doc = json.loads(line)
+                    meta = doc["metadata"]
+                    clusters[meta["minhash_cluster_id"]].append(
+                        (int(doc["id"]), meta["rid"], doc["text"]))
+                    dropped += part == "removed"
+    return {cid: sorted(members) for cid, members in clusters.items()}, dropped
+
+
+def decide_clusters(clusters: dict[int, list[Member]], eval_idx: set[int],
+                    cfg: DedupConfig) -> dict[int, Removal]:
+    """Per cluster, tasks.dedup.decide with every kept member as a candidate: the removals by
+    stream position, each naming the id of the record it duplicates."""
+    removed: dict[int, Removal] = {}
+    for members in clusters.values():
+        sigs = [text_sig(rid, text, cfg.ngram) for _, rid, text in members]
+        local_eval = {j for j, (idx, _, _) in enumerate(members) if idx in eval_idx}
+        for j, decision in decide(sigs, local_eval, cfg, use_lsh=False).items():
+            if decision is not None:
+                kind, kept, jaccard = decision
+                removed[members[j][0]] = (kind, members[kept][1], jaccard)
+    return removed
+
+
+def run_dedup_datatrove(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
+                        home: str | Path, seed: int = 42) -> Manifest:
+    """run_dedup on datatrove's MinHash pipeline, run by the executor cfg.executor names."""
+    digests = input_digests(input_path)
+    config_digest = f"{cfg.digest()}:seed={seed}"
+    if up_to_date(out_dir, digests, config_digest):
+        return Manifest.read(out_dir)
+    key = hashlib.sha256(json.dumps([digests, config_digest, cfg.tasks], sort_keys=True)
+                         .encode()).hexdigest()[:12]
+    work = work_dir(cfg, out_dir, key)
+    eval_idx, reused = _export(input_path, work, cfg, seed)
+    t0 = time.monotonic()
+    facts = run_datatrove(cfg, work)
+    datatrove_s = time.monotonic() - t0
+    clusters, dropped = read_clusters(work)
+    removed = decide_clusters(clusters, eval_idx, cfg)
+    mh = minhash_config(cfg)
+    manifest = write_stage(
+        input_path, out_dir, eval_idx, removed, digests=digests, config_digest=config_digest,
+        info={"heldout": "reused" if reused else "carved", "seed": seed,
+              "executor": cfg.executor, "tasks": cfg.tasks,
+              "minhash": f"{mh.num_buckets} buckets x {mh.hashes_per_bucket} hashes", **facts},
+        metrics={"dedup.clusters": float(len(clusters)),
+                 "dedup.cluster_members": float(sum(map(len, clusters.values()))),
+                 "dedup.datatrove_dropped": float(dropped),
+                 "dedup.datatrove_s": round(datatrove_s, 3)})
+    shutil.rmtree(work.root)
+    if not cfg.work_dir and not any(work.root.parent.iterdir()):
+        work.root.parent.rmdir()
+    return manifest
