@@ -247,6 +247,13 @@ class TrainConfig(_Section):
     # and export the best checkpoint (saving then happens at every evaluation). 0: off.
     early_stopping_patience: int = Field(0, ge=0)
     early_stopping_threshold: float = Field(0.0, ge=0.0)
+    # sft: learn the replies (a preference pair counts as prompt + chosen). dpo / orpo (trl): learn
+    # from preference pairs which reply is better (tasks/train_pref.py). trl 1.16 has no separate
+    # prompt limit: a pair whose prompt alone fills max_length is dropped, a long reply truncated.
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    # trl's `beta` for both: DPO's beta (higher stays closer to the base model), ORPO's lambda
+    # (the weight of the odds-ratio term next to the chosen reply's NLL).
+    beta: float = Field(0.1, gt=0)
 
 
 EVAL_METRICS = (

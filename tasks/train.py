@@ -70,9 +70,14 @@ END_OF_TURN = {"chatml": "<|im_end|>", "llama-3": "<|eot_id|>"}
 
 # --- records -------------------------------------------------------------------------------
 
+def _sft_kind(rec: ChatSample) -> str:
+    """SFT sees a preference pair as the chat prompt + chosen reply."""
+    return "chat" if rec.kind == "preference" else rec.kind
+
+
 def _row(rec: ChatSample) -> dict[str, Any]:
-    if rec.kind == "chat":
-        return {"messages": [m.model_dump() for m in rec.messages]}
+    if rec.messages:
+        return {"messages": [m.model_dump() for m in rec.conversation()]}
     return {"text": rec.text}
 
 
@@ -83,12 +88,12 @@ def _select_records(input_path: str | Path, writer: StageWriter, tokenizer: Any,
     train = list(read_records(input_path, "data"))
     heldout = list(read_records(input_path, "heldout"))
     # Chat records win: a text record in a chat run has no assistant turn to learn from.
-    kind = "chat" if any(r.kind == "chat" for r in train) else "text"
+    kind = "chat" if any(_sft_kind(r) == "chat" for r in train) else "text"
     assistant_only = can_mask and kind == "chat"
     used: dict[str, list[ChatSample]] = {"train": [], "eval": []}
     for split, records in (("train", train), ("eval", heldout)):
         for rec in records:
-            if rec.kind != kind:
+            if _sft_kind(rec) != kind:
                 writer.drop(rec, f"{rec.kind}_in_{kind}_run", split=split)
             elif assistant_only and not _assistant_in_window(rec, tokenizer, cfg.max_length,
                                                              training_template):
