@@ -25,8 +25,11 @@ def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _set_home_env(home: str) -> None:
-    # Keep Prefect's local state beside ours unless the user points Prefect elsewhere.
-    os.environ.setdefault("PREFECT_HOME", str(Path(home) / "prefect"))
+    # Keep Prefect's local state beside ours unless the user points Prefect elsewhere. Prefect
+    # creates its home without parents: on a new run.home its SQLite then cannot open and the
+    # temporary server never starts.
+    prefect_home = Path(os.environ.setdefault("PREFECT_HOME", str(Path(home) / "prefect")))
+    prefect_home.expanduser().mkdir(parents=True, exist_ok=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -63,3 +63,13 @@ def test_missing_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
                "--output", str(tmp_path / "out")])
     assert rc == 2
     assert "input not found" in capsys.readouterr().err
+
+
+def test_a_new_home_gets_prefect_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prefect makes its home without parents; on a new run.home its SQLite could not open and
+    # the temporary server timed out (a stack trace instead of a run).
+    from flows.cli import _set_home_env
+
+    monkeypatch.delenv("PREFECT_HOME")
+    _set_home_env(str(tmp_path / "new" / "home"))
+    assert (tmp_path / "new" / "home" / "prefect").is_dir()
