@@ -55,7 +55,7 @@ class _Sig:
 
     id: str
     origin: str  # "data" or "heldout": where the record was read from
-    is_chat: bool
+    evaluable: bool  # may be carved into the held-out split (see can_hold_out)
     key: bytes  # digest of the normalized text
     minhash: LeanMinHash | None  # None when candidates come from elsewhere (datatrove clusters)
     grams: np.ndarray  # sorted 32-bit hashes of its shingles, for the exact Jaccard (4 B each)
@@ -70,6 +70,12 @@ def shingle_hashes(grams: set[bytes]) -> np.ndarray:
 def crc32_hash(shingle: bytes) -> int:
     """The shingle hash as a datasketch `hashfunc`: MinHash(hashfunc=crc32_hash) == ours."""
     return zlib.crc32(shingle)
+
+
+def can_hold_out(rec: ChatSample) -> bool:
+    """Chats and preference pairs can be held out (evaluation scores their replies); plain
+    text has no reply to score and always stays in training."""
+    return rec.kind in ("chat", "preference")
 
 
 def exact_key(normalized: str) -> bytes:
@@ -102,7 +108,7 @@ def _signatures(items: Iterable[tuple[str, ChatSample]], cfg: DedupConfig) -> It
         # The shingles are hashed already: int() hands their CRC-32 to MinHash as is.
         hashes = MinHash.bulk([g.tolist() for g in grams], num_perm=cfg.num_perm, hashfunc=int)
         for (origin, rec), norm, mh, g in zip(batch, norms, hashes, grams, strict=True):
-            yield _Sig(rec.id, origin, rec.kind == "chat", exact_key(norm), LeanMinHash(mh), g)
+            yield _Sig(rec.id, origin, can_hold_out(rec), exact_key(norm), LeanMinHash(mh), g)
 
     for item in items:
         batch.append(item)
@@ -121,19 +127,19 @@ def text_sig(rid: str, text: str, ngram: int) -> _Sig:
 
 
 class EvalCarver:
-    """The held-out split, chosen as records stream past: chat records ranked by
+    """The held-out split, chosen as records stream past: chats and pairs ranked by
     sha256(seed:id), the first k taken. Only the eval_max best ranks are held, so a corpus of
     any size needs O(eval_max) memory."""
 
     def __init__(self, cfg: DedupConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
-        self.n_chat = 0
+        self.n_evaluable = 0
         self._worst_first: list[tuple[int, int]] = []  # (-rank, -index): a max-heap of the best
 
-    def add(self, idx: int, rid: str, is_chat: bool) -> None:
-        if not is_chat:
+    def add(self, idx: int, rid: str, evaluable: bool) -> None:
+        if not evaluable:
             return
-        self.n_chat += 1
+        self.n_evaluable += 1
         if self.cfg.eval_max == 0:
             return
         rank = int(hashlib.sha256(f"{self.seed}:{rid}".encode()).hexdigest(), 16)
@@ -145,19 +151,19 @@ class EvalCarver:
 
     def indices(self) -> set[int]:
         """Indices (stream positions) of the held-out records."""
-        if self.cfg.eval_fraction <= 0 or self.n_chat < 2:
+        if self.cfg.eval_fraction <= 0 or self.n_evaluable < 2:
             return set()
-        k = min(self.cfg.eval_max, math.ceil(self.cfg.eval_fraction * self.n_chat),
-                self.n_chat - 1)
+        k = min(self.cfg.eval_max, math.ceil(self.cfg.eval_fraction * self.n_evaluable),
+                self.n_evaluable - 1)
         best = sorted((-r, -i) for r, i in self._worst_first)[:k]
         return {i for _, i in best}
 
 
 def carve_eval(sigs: list[_Sig], cfg: DedupConfig, seed: int) -> set[int]:
-    """Indices of the held-out split: chat records ranked by hash(seed, id), first k taken."""
+    """Indices of the held-out split: chats and pairs ranked by hash(seed, id), first k taken."""
     carver = EvalCarver(cfg, seed)
     for i, s in enumerate(sigs):
-        carver.add(i, s.id, s.is_chat)
+        carver.add(i, s.id, s.evaluable)
     return carver.indices()
 
 

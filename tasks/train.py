@@ -409,7 +409,12 @@ def _early_stopping(cfg: TrainConfig, has_eval: bool) -> bool:
 
 def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
               home: str | Path, seed: int = 42) -> Manifest:
-    """Fine-tune the base model with (Q)LoRA on the input's chat or text records."""
+    """Fine-tune the base model with (Q)LoRA on the input's chat or text records; with
+    train.objective dpo or orpo, on its preference pairs instead (tasks/train_pref.py)."""
+    if cfg.objective != "sft":
+        from tasks.train_pref import run_train_pref  # it builds on this module's helpers
+
+        return run_train_pref(input_path, out_dir, cfg, home=home, seed=seed)
     digests = input_digests(input_path)
     cdig = cfg.digest()
     out = Path(out_dir)

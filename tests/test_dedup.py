@@ -132,6 +132,18 @@ def test_split_is_carved_deterministically_before_dedup(tmp_path: Path):
     assert capped.splits["eval"] == 3
 
 
+def test_preference_pairs_are_held_out_like_chats(tmp_path: Path):
+    # A DPO corpus holds only pairs: without them in the carve it would have no held-out split.
+    pairs = [ChatSample(id=f"p{i:02d}", messages=[Message(role="user",
+                                                          content=" ".join(_words(300 + i, 30)))],
+                        chosen="Happy to help.", rejected="No.") for i in range(20)]
+    src = _stage_dir(tmp_path / "in", pairs)
+    m = run_dedup(src, tmp_path / "out", DedupConfig(eval_fraction=0.2), home=tmp_path).check()
+    assert m.splits == {"train": 16, "eval": 4}
+    held = list(read_records(tmp_path / "out", "heldout"))
+    assert all(r.kind == "preference" and r.rejected == "No." for r in held)
+
+
 def test_rerun_on_a_dir_with_heldout_reuses_it(tmp_path: Path):
     train = [_chat(f"r{i:02d}", _words(200 + i, 30)) for i in range(20)]
     first = tmp_path / "03-dedup"

@@ -278,6 +278,17 @@ def test_4bit_gradients_after_evaluations_match_a_dequantized_copy(session_home:
         assert error <= 0.02, f"{name}: gradient {error:.1%} off the dequantized model's"
 
 
+def test_the_train_stage_trains_the_configured_objective(session_home: Path, tmp_path: Path):
+    # What the pipeline and `ftflow stage train` call: train.objective picks DPO/ORPO there.
+    from tasks.train import run_train
+
+    src = write_stage_dir(tmp_path / "in", [_pair(i, i % 6) for i in range(8)])
+    m = run_train(src, tmp_path / "out", _cfg(objective="orpo", max_steps=2, batch_size=4,
+                                             eval_steps=2), home=session_home)
+    assert m.info["objective"] == "orpo" and m.info["data_kind"] == "preference"
+    assert "rewards/accuracies" in _history(tmp_path / "out")[0]
+
+
 def test_sft_objective_is_not_a_preference_run(session_home: Path, tmp_path: Path):
     src = write_stage_dir(tmp_path / "in", [_pair(0, 0)])
     with pytest.raises(ValueError, match="objective"):
