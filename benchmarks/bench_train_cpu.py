@@ -5,10 +5,14 @@
 
 Both sides train the builtin tiny Llama on the same records (varied lengths, max_length 512),
 with the same LoRA (r, alpha, dropout, all-linear), batch size, steps, learning rate and
-quantization. Each run is its own subprocess, so its peak RSS is its own. Tokens/s counts real
-(non-padding) training tokens, as trl counts them (attention mask sum, or the flattened length in
-padding-free batches), over the trainer's train_runtime (the training loop, without imports,
-model loading or our stage's merge/export).
+quantization, and the same precision: fp32 compute, as our stage uses on CPU (trl's SFTConfig
+would otherwise default to bf16 autocast, which is other work with smaller activations). Each run
+is its own subprocess. Tokens/s counts real (non-padding) training tokens, as trl counts them
+(attention mask sum, or the flattened length in padding-free batches), over the trainer's
+train_runtime (the training loop, without imports, model loading or our stage's merge/export).
+Peak RSS is reported twice: at the end of training (the kernel's high-water mark, VmHWM; ours
+from its history's last ``peak_mem_mb``), which is the like-for-like figure, and for the whole
+process (``ru_maxrss``), which for ours also covers record checks, the merge and the export.
 """
 
 from __future__ import annotations
@@ -69,6 +73,17 @@ def _write_stage_dir(rows: list[dict], path: Path) -> None:
 
 # --- the two workers (each in its own process) -----------------------------------------------
 
+def _peak_rss_mb() -> float:
+    """The process's resident-set high-water mark so far (VmHWM), as tasks.train reports it.
+
+    Read here rather than imported, so the trl worker does not load our stage (and Prefect).
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker_ours(src: Path, out: Path, home: Path, method: str, steps: int,
                 settings: dict[str, str]) -> dict:
     """The stage with its defaults, but for the shared settings and the kind's overrides."""
@@ -79,8 +94,10 @@ def worker_ours(src: Path, out: Path, home: Path, method: str, steps: int,
                       learning_rate=LR, save_steps=10_000, logging_steps=1,
                       lora=LoraConfig(**LORA), **settings)
     m = run_train(src, out, cfg, home=home)
+    history = [json.loads(line) for line in Path(m.info["history_file"]).read_text().splitlines()]
     return {"tokens": m.metrics["train_tokens"], "runtime": m.metrics["train_runtime_s"],
-            "loss": m.metrics["train_loss"], "quantized": m.info["quantized"]}
+            "loss": m.metrics["train_loss"], "quantized": m.info["quantized"],
+            "train_peak_rss_mb": [h["peak_mem_mb"] for h in history if "peak_mem_mb" in h][-1]}
 
 
 def worker_trl(src: Path, out: Path, home: Path, method: str, steps: int) -> dict:
@@ -107,16 +124,18 @@ def worker_trl(src: Path, out: Path, home: Path, method: str, steps: int) -> dic
     args = SFTConfig(output_dir=str(out), max_length=MAX_LENGTH, max_steps=steps,
                      per_device_train_batch_size=BATCH, learning_rate=LR, logging_steps=1,
                      assistant_only_loss=True, use_cpu=True, report_to=[], disable_tqdm=True,
-                     save_strategy="no", seed=42)
+                     save_strategy="no", seed=42,
+                     bf16=False)  # fp32 compute like ours (trl's default would be bf16 autocast)
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=peft_config)
     result = trainer.train()
+    train_peak = _peak_rss_mb()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {"tokens": float(trainer._total_train_tokens),
             "runtime": float(result.metrics["train_runtime"]), "loss": losses[-1],
-            "quantized": method == "qlora"}
+            "quantized": method == "qlora", "train_peak_rss_mb": train_peak}
 
 
 def _worker_main(args: argparse.Namespace) -> None:
@@ -147,17 +166,21 @@ def _run_one(kind: str, method: str, src: Path, home: Path, steps: int, tmp: Pat
 
 
 def _table(results: dict[tuple[str, str], list[dict]]) -> list[str]:
-    lines = ["| method | trainer | tokens/s (median) | tokens/s (runs) | peak RSS MB (median) "
+    lines = ["| method | trainer | tokens/s (median) | tokens/s (runs) | peak RSS MB, training "
+             "(median) | peak RSS MB, training (runs) | peak RSS MB, whole process (median) "
              "| train tokens | final train loss | speed-up vs trl |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+             "|---|---|---:|---|---:|---|---:|---:|---:|---:|"]
     for (method, kind), runs in results.items():
         tps = [r["tokens"] / r["runtime"] for r in runs]
+        train_peaks = [r["train_peak_rss_mb"] for r in runs]
         base = results.get((method, "trl"))
         ref = statistics.median(r["tokens"] / r["runtime"] for r in base) if base else None
         speed = f"{statistics.median(tps) / ref:.2f}x" if ref else "-"
         lines.append(
             f"| {method} | {kind} | {statistics.median(tps):.0f} | "
             f"{', '.join(f'{t:.0f}' for t in tps)} | "
+            f"{statistics.median(train_peaks):.0f} | "
+            f"{', '.join(f'{peak:.0f}' for peak in train_peaks)} | "
             f"{statistics.median(r['peak_rss_mb'] for r in runs):.0f} | "
             f"{statistics.median(r['tokens'] for r in runs):.0f} | "
             f"{statistics.median(r['loss'] for r in runs):.3f} | {speed} |")

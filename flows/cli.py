@@ -78,6 +78,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
             raise ConfigError("export needs --eval-dir (an evaluate stage directory)")
         m = run_export(args.input, args.eval_dir, out, cfg.export,
                        tracking_uri=cfg.run.resolved_tracking_uri())
+    if m.info.get("main_process") is False:
+        return 0  # another process of an `accelerate launch` wrote the stage and reports it
     print(f"{name}: in={m.records_in} generated={m.generated} kept={m.kept} "
           f"filtered={m.filtered_total} {m.filtered or ''} deduplicated={m.deduplicated} "
           f"quarantined={m.quarantined} -> {out}")

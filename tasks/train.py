@@ -13,6 +13,9 @@ import json
 import logging
 import resource
 import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +195,35 @@ def _keep_4bit_trainable(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def _under_fsdp() -> bool:
+    """Whether `accelerate launch` runs this process with FSDP (it exports this variable)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def _local_rank() -> int:
+    """This process's device index among the processes `accelerate launch` started on this node.
+
+    With several processes the distributed state is set up here, before loading: it binds this
+    process's GPU (bitsandbytes quantizes onto the current device when there is no device_map)
+    and transformers' FSDP loading looks for an initialised process group.
+    """
+    state = _process_state()
+    return state.local_process_index if state is not None else 0
+
+
+def _4bit_placement(cuda: bool, dtype: Any) -> tuple[dict[str, int] | None, dict[str, Any]]:
+    """device_map and extra BitsAndBytesConfig settings for this process of the launch."""
+    local_rank = _local_rank()
+    if _under_fsdp():
+        # FSDP flattens the 4-bit weights with the other parameters, so they must be stored in
+        # the same (compute) dtype, and it places the shards itself.
+        return None, {"bnb_4bit_quant_storage": dtype}
+    # Each data-parallel process holds the whole model on its own GPU, not all on GPU 0.
+    return ({"": local_rank} if cuda else None), {}
+
+
 def _load_model(base: str, cfg: TrainConfig, cuda: bool) -> tuple[Any, bool, str | None]:
     """The base model in 4-bit NF4 (qlora) or unquantized (lora, or when bitsandbytes fails)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -199,15 +231,15 @@ def _load_model(base: str, cfg: TrainConfig, cuda: bool) -> tuple[Any, bool, str
     dtype = _compute_dtype(cuda)
     common = {"trust_remote_code": cfg.trust_remote_code}
     fallback_reason = None
+    device_map, storage = _4bit_placement(cuda, dtype)
     if cfg.method == "qlora":
         try:
             import bitsandbytes  # noqa: F401  (a broken install fails here, not mid-load)
 
             bnb = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_compute_dtype=dtype, **storage,
             )
-            device_map = {"": 0} if cuda else None
             model = AutoModelForCausalLM.from_pretrained(
                 base, quantization_config=bnb, dtype=dtype, device_map=device_map, **common)
             _keep_4bit_trainable(model)
@@ -310,6 +342,94 @@ def _start_step_probe() -> Any:
     return StartStep()
 
 
+def peak_mem_mb(cuda: bool) -> float:
+    """Peak memory of this process so far: the CUDA allocator's peak on GPU, else peak RSS."""
+    if cuda:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:  # VmHWM is the kernel's resident-set high-water mark, in kB
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # no procfs (macOS): ru_maxrss, which is bytes there and kB on Linux
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def _batch_tokens(inputs: dict[str, Any]) -> int:
+    """Real (non-padding) tokens of a batch; a preference batch counts chosen and rejected."""
+    if "attention_mask" in inputs:
+        return int(inputs["attention_mask"].sum())
+    # ORPO's batches hold prompt_, chosen_ and rejected_ masks; chosen/rejected include the prompt.
+    return int(sum(mask.sum() for key, mask in inputs.items()
+                   if key.endswith("attention_mask") and not key.startswith("prompt_")))
+
+
+def step_stats_callback(cuda: bool) -> Any:
+    """A callback adding ``tokens_per_s`` and ``peak_mem_mb`` to every training log row.
+
+    The rows go to history.jsonl and from there to MLflow, one point per logged step.
+    """
+    from transformers import TrainerCallback
+
+    class StepStats(TrainerCallback):
+        """Tokens per second of training time since the last log, and peak memory so far."""
+
+        def __init__(self) -> None:
+            self.counted = 0  # tokens of the batches, for trainers without trl's count (ORPO)
+            self._logged_tokens = 0
+            self._busy = 0.0  # training seconds since the last log, evaluation and saving left out
+            # The kernel updates its high-water mark lazily, so a later reading can be a little
+            # lower: keep the maximum, a peak never falls.
+            self._peak = 0.0
+            self._mark = time.perf_counter()
+
+        def count_batches(self, trainer: Any) -> None:
+            """Count tokens from the batches' attention masks when the trainer does not itself."""
+            if hasattr(trainer, "_total_train_tokens"):  # SFT and DPO: trl logs num_tokens
+                return
+            step = trainer.training_step
+
+            def counted(model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+                self.counted += _batch_tokens(inputs)
+                return step(model, inputs, *args, **kwargs)
+
+            trainer.training_step = counted
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self._mark = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            now = time.perf_counter()
+            self._busy += now - self._mark
+            self._mark = now
+
+        def _skip(self, *args: Any, **kwargs: Any) -> None:
+            self._mark = time.perf_counter()  # the time since the step ended was not training
+
+        on_evaluate = on_save = _skip
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None,
+                   **kwargs: Any) -> None:
+            if not logs or "loss" not in logs:  # evaluation rows and the final summary
+                return
+            tokens = int(logs.get("num_tokens", self.counted))  # trl's count is cumulative
+            self._peak = max(self._peak, round(peak_mem_mb(cuda), 1))
+            extra = {"peak_mem_mb": self._peak}
+            if self._busy > 0:
+                extra["tokens_per_s"] = (tokens - self._logged_tokens) / self._busy
+            self._logged_tokens, self._busy = tokens, 0.0
+            logs.update(extra)
+            # The trainer appended a copy of logs to the history before calling us.
+            last = state.log_history[-1] if state.log_history else {}
+            if last.get("loss") == logs["loss"] and last.get("step") == state.global_step:
+                last.update(extra)
+
+    return StepStats()
+
+
 # --- outputs ---------------------------------------------------------------------------------
 
 def _merge(base: str, adapter_dir: Path, merged_dir: Path, tokenizer: Any,
@@ -334,11 +454,22 @@ def _merge(base: str, adapter_dir: Path, merged_dir: Path, tokenizer: Any,
     tokenizer.save_pretrained(str(merged_dir))
 
 
-def _encode(tokenizer: Any, row: dict[str, Any]) -> list[int]:
+def _encode(tokenizer: Any, row: dict[str, Any], template: str | None = None) -> list[int]:
+    """A row's token ids as trl renders them (chat template, or text with EOS appended)."""
     if "messages" in row:
-        return list(tokenizer.apply_chat_template(row["messages"], tokenize=True,
-                                                  return_dict=True)["input_ids"])
-    return list(tokenizer(row["text"])["input_ids"])
+        return list(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True,
+                                                  chat_template=template)["input_ids"])
+    text, eos = row["text"], tokenizer.eos_token or ""
+    return list(tokenizer(text if text.endswith(eos) else text + eos)["input_ids"])
+
+
+def _trained_ids(trainer: Any, tokenizer: Any, row: dict[str, Any], template: str | None,
+                 packing: bool) -> list[int]:
+    """The ids training saw for the first train row: trl's tokenized row itself, unless packing
+    merged rows, then trl's rendering of it (the training template, which trl may have patched)."""
+    if not packing:
+        return list(trainer.train_dataset[0]["input_ids"])
+    return _encode(tokenizer, row, template)
 
 
 def _check_round_trip(merged_dir: Path, row: dict[str, Any], expected: list[int],
@@ -349,6 +480,8 @@ def _check_round_trip(merged_dir: Path, row: dict[str, Any], expected: list[int]
     reloaded = AutoTokenizer.from_pretrained(str(merged_dir),
                                              trust_remote_code=cfg.trust_remote_code)
     got = _encode(reloaded, row)
+    if len(expected) >= cfg.max_length:  # trl truncated the sample to max_length
+        got = got[:len(expected)]
     if got != expected:
         at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b),
                   min(len(got), len(expected)))
@@ -398,7 +531,39 @@ def _sft_config(cfg: TrainConfig, ckpt_dir: Path, cuda: bool, dtype: Any, optim:
         logging_steps=cfg.logging_steps, report_to=[], use_cpu=not cuda, optim=optim,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         seed=seed, data_seed=seed, disable_tqdm=True,
+        ddp_find_unused_parameters=False,  # LoRA uses every adapter: no extra pass per step
     )
+
+
+def _save_adapter(trainer: Any, adapter_dir: Path, is_main: bool) -> None:
+    """The LoRA adapter as safetensors, written by the main process only.
+
+    Under FSDP the adapter's weights are sharded: every process must take part in gathering
+    them (a full state dict), and the trainer's save does that collectively.
+    """
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(adapter_dir))
+        if is_main:
+            (adapter_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: not exported
+    elif is_main:
+        trainer.model.save_pretrained(str(adapter_dir))
+
+
+def _process_state() -> Any | None:
+    """accelerate's PartialState when `accelerate launch` started several processes, else None.
+
+    Without a GPU it must be asked for the CPU backend (gloo): a plain PartialState() finds no
+    GPU, falls back to a single process, and every rank then believes it is the main one.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _early_stopping(cfg: TrainConfig, has_eval: bool) -> bool:
@@ -430,7 +595,12 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
     cuda = torch.cuda.is_available()
     tokenizer, template_source = _prepare_tokenizer(base, cfg)
     training_template, mask_problem = _training_template(tokenizer)
-    writer = StageWriter(out, STAGE)
+    # Under `accelerate launch` every process trains on the same selection, and only the main
+    # one writes the stage (records, checkpoints marker, adapter, merged model, manifest).
+    dist = _process_state()
+    is_main = dist is None or dist.is_main_process
+    scratch = None if is_main else Path(tempfile.mkdtemp(prefix="ftflow-train-rank"))
+    writer = StageWriter(scratch or out, STAGE)
     can_mask = cfg.assistant_only_loss and mask_problem is None
     train_recs, eval_recs, records_in, kind = _select_records(
         input_path, writer, tokenizer, cfg, training_template, can_mask)
@@ -441,25 +611,32 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
                     mask_problem)
 
     model, quantized, fallback_reason = _load_model(base, cfg, cuda)
-    if quantized:
+    # Not under FSDP: it casts norms and embeddings to fp32 beside bf16-stored 4-bit weights,
+    # and FSDP cannot flatten parameters of mixed dtypes into one shard.
+    if quantized and not _under_fsdp():
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     optim = _optimizer(cfg, cuda, fallback_reason)
     ckpt_dir = out / CHECKPOINT_DIR
-    resume_from = _resume_point(ckpt_dir, _fingerprint(cfg, digests, seed))
+    fingerprint = _fingerprint(cfg, digests, seed)
+    if is_main:  # it may remove stale checkpoints and writes the marker: once, before the rest
+        resume_from = _resume_point(ckpt_dir, fingerprint)
+    if dist is not None:
+        dist.wait_for_everyone()
+        if not is_main:
+            resume_from = _resume_point(ckpt_dir, fingerprint)
 
     rows = [_row(r) for r in train_recs]
-    expected_ids = _encode(tokenizer, rows[0])  # for the round trip check after export
     args = _sft_config(cfg, ckpt_dir, cuda, _compute_dtype(cuda), optim, bool(eval_recs),
                        assistant_only, seed)
     peft_config = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules, use_dora=cfg.lora.use_dora, task_type="CAUSAL_LM",
     )
-    start = _start_step_probe()
-    callbacks: list[Any] = [start]
+    start, stats = _start_step_probe(), step_stats_callback(cuda)
+    callbacks: list[Any] = [start, stats]
     early = _early_stopping(cfg, bool(eval_recs))
     if early:
         from transformers import EarlyStoppingCallback
@@ -471,6 +648,9 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
         eval_dataset=Dataset.from_list([_row(r) for r in eval_recs]) if eval_recs else None,
         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks,
     )
+    # For the round trip check after export.
+    expected_ids = _trained_ids(trainer, tokenizer, rows[0], getattr(trainer, "chat_template", None),
+                                cfg.packing)
     _adapter_to_fp32(trainer.model)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     linear4bit = _count_linear4bit(trainer.model)
@@ -484,8 +664,16 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
     tokens_seen = float(getattr(trainer, "_total_train_tokens", 0) or 0)
 
     adapter_dir, merged_dir = out / ADAPTER_DIR, out / MERGED_DIR
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    trainer.model.save_pretrained(str(adapter_dir))
+    if is_main:
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+    if dist is not None:
+        dist.wait_for_everyone()
+    _save_adapter(trainer, adapter_dir, is_main)
+    if not is_main:
+        # The main process merges (minutes for an 8B model): no barrier after this point, or
+        # the others could hit the process group's timeout waiting for it.
+        shutil.rmtree(scratch, ignore_errors=True)
+        return Manifest(stage=STAGE, info={"rank": dist.process_index, "main_process": False})
     tokenizer.save_pretrained(str(adapter_dir))
     final_step, planned_steps = trainer.state.global_step, trainer.state.max_steps
     del trainer, model
@@ -524,6 +712,7 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
         "group_by_length": cfg.group_by_length, "packing": cfg.packing,
         "early_stopping": early, "best_step": best_step,
         "stopped_early": early and final_step < planned_steps,
+        "world_size": dist.num_processes if dist is not None else 1,
     }
     log.info("trained %s for %d steps (from %d): train loss %.3f, eval loss %s",
              base, final_step, start.step, metrics["train_loss"], metrics.get("eval_loss"))

@@ -47,7 +47,9 @@ from tasks.train import (
     _prepare_tokenizer,
     _resume_point,
     _start_step_probe,
+    _under_fsdp,
     _write_history,
+    step_stats_callback,
 )
 
 log = logging.getLogger(__name__)
@@ -213,7 +215,7 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
     train_recs, eval_recs, records_in = _select_pairs(input_path, writer, tokenizer, cfg)
 
     model, quantized, fallback_reason = _load_model(base, cfg, cuda)
-    if quantized:
+    if quantized and not _under_fsdp():  # see tasks.train.run_train
         from peft import prepare_model_for_kbit_training
 
         # DPOTrainer does not do this itself (ORPOTrainer does, again, harmlessly).
@@ -227,8 +229,8 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
     check_row = {"messages": [m.model_dump() for m in train_recs[0].conversation()]}
     expected_ids = _encode(tokenizer, check_row)
     args = _pref_config(cfg, ckpt_dir, cuda, optim, bool(eval_recs), seed)
-    start = _start_step_probe()
-    callbacks: list[Any] = [start]
+    start, stats = _start_step_probe(), step_stats_callback(cuda)
+    callbacks: list[Any] = [start, stats]
     early = _early_stopping(cfg, bool(eval_recs))
     if early:
         from transformers import EarlyStoppingCallback
@@ -236,6 +238,7 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience,
                                                cfg.early_stopping_threshold))
     trainer = _build_trainer(cfg, model, args, tokenizer, train_recs, eval_recs, callbacks)
+    stats.count_batches(trainer)  # ORPO does not count tokens itself
     _adapter_to_fp32(trainer.model)
     reference = _reference_model(trainer, cfg.objective)
     trainable, total = trainer.model.get_nb_trainable_parameters()
@@ -247,7 +250,7 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
     if eval_recs and (loaded_best or not evaluated or evaluated[-1] != trainer.state.global_step):
         trainer.evaluate()  # the final held-out metrics, of the model we export
     history = trainer.state.log_history
-    tokens_seen = float(getattr(trainer, "_total_train_tokens", 0) or 0)  # DPO counts, ORPO not
+    tokens_seen = float(getattr(trainer, "_total_train_tokens", 0) or stats.counted)
 
     adapter_dir, merged_dir = out / ADAPTER_DIR, out / MERGED_DIR
     shutil.rmtree(adapter_dir, ignore_errors=True)

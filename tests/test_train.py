@@ -12,7 +12,7 @@ import torch
 from data_contracts.config import LoraConfig, TrainConfig
 from data_contracts.records import ChatSample, Message
 from tasks.io import StageWriter, read_records
-from tasks.train import _check_round_trip, _load_model, run_train
+from tasks.train import NAMED_TEMPLATES, _check_round_trip, _load_model, run_train
 
 TOPICS = ["password", "invoice", "refund", "delivery", "coupon", "account"]
 
@@ -23,6 +23,24 @@ def _chat(i: int) -> ChatSample:
         Message(role="user", content=f"Help me with my {topic}, ticket {100 + i}."),
         Message(role="assistant", content=f"Sure: open Settings, choose {topic}, then save."),
     ])
+
+
+def _multi_turn() -> ChatSample:
+    """A system prompt and two exchanges: the masks must pick out both replies and nothing else."""
+    return ChatSample(id="m0", messages=[
+        Message(role="system", content="You are a support agent."),
+        Message(role="user", content="Help me with my invoice, ticket 7."),
+        Message(role="assistant", content="Sure: open Billing, choose invoice, then save."),
+        Message(role="user", content="And my refund?"),
+        Message(role="assistant", content="Open Orders and press Refund."),
+    ])
+
+
+def _pair(i: int) -> ChatSample:
+    topic = TOPICS[i % len(TOPICS)]
+    return ChatSample(id=f"p{i}", messages=[Message(role="user", content=f"Help with my {topic}.")],
+                      chosen=f"Sure: open Settings, choose {topic}, then save.",
+                      rejected="Not my problem.")
 
 
 def _text(i: int) -> ChatSample:
@@ -266,3 +284,134 @@ def test_dora_reaches_the_adapter(session_home: Path, tmp_path: Path):
     magnitudes = [k for k in weights if "lora_magnitude_vector" in k]
     assert len(magnitudes) == 4 * 7  # one per adapted linear
     assert (out / "merged" / "model.safetensors").exists()
+
+
+def test_history_rows_carry_tokens_per_s_and_peak_memory(qlora_run):
+    manifest, _, out = qlora_run
+    rows = [h for h in _history(out) if "loss" in h]
+    assert len(rows) == 16 // 2  # one row per logging step
+    assert all(h["tokens_per_s"] > 0 and h["peak_mem_mb"] > 0 for h in rows)
+    m = manifest.metrics
+    peaks = [h["peak_mem_mb"] for h in rows]
+    # A high-water mark: never falls, holds torch and the model, and the stage's own peak is at
+    # least it (2% slack: the kernel's resident-set counters are updated lazily).
+    assert peaks == sorted(peaks) and 100 < peaks[-1] <= m["peak_rss_mb"] * 1.02
+    # trl's cumulative count; each row's rate is over the tokens of its interval. Together the
+    # rates must account for every training token within the run's time, of which evaluations
+    # and checkpoint saves (left out of the rates) take only a share.
+    tokens = [h["num_tokens"] for h in rows]
+    assert tokens[-1] == m["train_tokens"]
+    interval_tokens = [b - a for a, b in zip([0, *tokens], tokens)]
+    seconds = sum(n / h["tokens_per_s"] for n, h in zip(interval_tokens, rows))
+    assert 0.2 * m["train_runtime_s"] < seconds <= m["train_runtime_s"]
+    # So the per-step rates agree with the overall one: at least it, at most 5x it.
+    assert m["train_tokens_per_s"] <= m["train_tokens"] / seconds < 5 * m["train_tokens_per_s"]
+    assert all("tokens_per_s" not in h for h in _history(out) if "eval_loss" in h)
+
+
+def test_orpo_history_counts_tokens_from_the_batches(session_home: Path, tmp_path: Path):
+    """ORPO logs no token count of its own: the callback counts the batches' attention masks."""
+    from tasks.train import _batch_tokens
+
+    batch = {"prompt_attention_mask": torch.ones(2, 3), "chosen_attention_mask": torch.ones(2, 5),
+             "rejected_attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])}
+    assert _batch_tokens(batch) == 10 + 7  # chosen and rejected include the prompt
+    assert _batch_tokens({"attention_mask": torch.tensor([[1, 1, 0]])}) == 2
+    src = _stage_dir(tmp_path / "in", [_pair(i) for i in range(8)], [])
+    m = run_train(src, tmp_path / "out", _fast_cfg(objective="orpo", max_steps=2, logging_steps=1),
+                  home=session_home)
+    rows = [h for h in _history(tmp_path / "out") if "loss" in h]
+    assert [h["step"] for h in rows] == [1, 2]
+    assert all(h["tokens_per_s"] > 0 and h["peak_mem_mb"] > 0 for h in rows)
+    # Two steps of four pairs, each pair a chosen and a rejected sequence of over 10 tokens.
+    assert m.metrics["train_tokens"] > 2 * 4 * 2 * 10
+    assert m.metrics["train_tokens_per_s"] > 0
+
+
+@pytest.fixture
+def sft_trainers(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every SFTTrainer run_train builds, kept for inspecting what training saw."""
+    import trl
+
+    built: list = []
+
+    class Recording(trl.SFTTrainer):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(trl, "SFTTrainer", Recording)
+    return built
+
+
+def _label_spans(tok: object, ids: list[int], labels: list[int]) -> list[str]:
+    """The text of each run of tokens that carries a label (is in the loss)."""
+    spans: list[list[int]] = []
+    for i, (token, label) in enumerate(zip(ids, labels)):
+        if label == -100:
+            continue
+        assert label == token
+        if i and labels[i - 1] != -100:
+            spans[-1].append(token)
+        else:
+            spans.append([token])
+    return [tok.decode(span) for span in spans]
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama-3", "alpaca"])
+def test_named_chat_template_masks_saves_and_round_trips(name: str, session_home: Path,
+                                                         tmp_path: Path, sft_trainers: list):
+    from transformers import AutoTokenizer
+
+    first = _multi_turn()
+    src = _stage_dir(tmp_path / "in", [first] + [_chat(i) for i in range(7)], [])
+    # max_length 512: the tiny vocabulary splits llama-3's header tokens into many pieces.
+    cfg = _fast_cfg(chat_template=name, max_steps=2, save_steps=100, max_length=512)
+    m = run_train(src, tmp_path / "out", cfg, home=session_home)
+    assert m.info["chat_template"] == name and m.info["assistant_only_loss"] is True
+    template = NAMED_TEMPLATES[name]
+    for folder in (m.info["adapter_dir"], m.info["merged_dir"]):
+        assert AutoTokenizer.from_pretrained(folder).chat_template == template
+
+    # The loss covers exactly the two replies, each with the turn's end token, nothing else.
+    tok = AutoTokenizer.from_pretrained(m.info["merged_dir"])
+    end = {"chatml": "<|im_end|>", "llama-3": "<|eot_id|>", "alpaca": tok.eos_token}[name]
+    seen = sft_trainers[-1].train_dataset[0]
+    replies = [msg.content + end for msg in first.messages if msg.role == "assistant"]
+    assert _label_spans(tok, seen["input_ids"], seen["labels"]) == replies
+
+    # The saved tokenizer renders the sample to the very ids training saw; an altered template
+    # (a space before every reply) does not, and the check says so.
+    row = {"messages": [msg.model_dump() for msg in first.messages]}
+    _check_round_trip(Path(m.info["merged_dir"]), row, list(seen["input_ids"]), cfg)
+    altered = tmp_path / "altered"
+    altered.mkdir()
+    for path in Path(m.info["merged_dir"]).iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, altered / path.name)
+    (altered / "chat_template.jinja").write_text(
+        template.replace("{% generation %}", "{% generation %}{{ ' ' }}"))
+    assert AutoTokenizer.from_pretrained(altered).chat_template != template
+    with pytest.raises(RuntimeError, match="round trip"):
+        _check_round_trip(altered, row, list(seen["input_ids"]), cfg)
+
+
+def test_a_saved_template_that_renders_differently_fails_the_run(
+        session_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import tasks.train as train_module
+
+    merge = train_module._merge
+
+    def merge_then_alter(*args: object, **kwargs: object) -> None:
+        merge(*args, **kwargs)
+        saved = Path(args[2]) / "chat_template.jinja"  # merged_dir
+        # Not a bare newline after the tag: chat templates trim those (trim_blocks).
+        saved.write_text(saved.read_text().replace("{% generation %}",
+                                                   "{% generation %}{{ '\\n' }}"))
+
+    monkeypatch.setattr(train_module, "_merge", merge_then_alter)
+    src = _stage_dir(tmp_path / "in", [_chat(i) for i in range(4)], [])
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="round trip"):
+        run_train(src, out, _fast_cfg(max_steps=1, save_steps=100), home=session_home)
+    assert not (out / "manifest.json").exists()
