@@ -22,7 +22,11 @@ datatrove's four MinHash steps on the executor `dedup.executor` names:
 num_perm -> MinhashConfig: datatrove's LSH is num_buckets bands of hashes_per_bucket hashes.
 We take the bands x rows datasketch's MinHashLSH picks for num_perm at the candidate floor
 min(candidate_threshold, threshold), i.e. the in-process banding (num_perm 128 at 0.7: 14 x 9,
-126 hashes used). Candidates are then confirmed at `threshold` exactly, as in process.
+126 hashes used), and the in-process hash values themselves (datasketch's 32-bit MinHash on the
+same shingle hashes), so two records share a bucket exactly when the in-process LSH pairs them.
+With datatrove's own permutations the two paths missed different pairs (the LSH misses ~4% of
+pairs at Jaccard 0.84), and removed different records. Candidates are then confirmed at
+`threshold` exactly, as in process.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -43,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasketch import MinHashLSH
+from datasketch import MinHash, MinHashLSH
 from datatrove.data import DocumentsPipeline
 from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
 from datatrove.executor.base import PipelineExecutor
@@ -57,6 +62,7 @@ from datatrove.pipeline.dedup.minhash import (
 )
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.hashing import HashConfig
 
 from data_contracts.config import DedupConfig, DedupRayConfig
 from data_contracts.manifest import Manifest
@@ -64,6 +70,7 @@ from data_contracts.records import ChatSample
 from tasks.dedup import (
     EvalCarver,
     Removal,
+    can_hold_out,
     candidate_floor,
     decide,
     normalize,
@@ -83,22 +90,37 @@ Member = tuple[int, str, str]  # (stream position, record id, text) of one clust
 def minhash_config(cfg: DedupConfig) -> MinhashConfig:
     """datatrove's LSH for cfg: num_perm as the bands x rows datasketch uses in process."""
     lsh = MinHashLSH(threshold=candidate_floor(cfg), num_perm=cfg.num_perm)
-    return MinhashConfig(n_grams=cfg.ngram, num_buckets=lsh.b, hashes_per_bucket=lsh.r)
+    return MinhashConfig(n_grams=cfg.ngram, num_buckets=lsh.b, hashes_per_bucket=lsh.r,
+                         hash_config=HashConfig(precision=32))  # datasketch's hash width
 
 
 class ShingleSignature(MinhashDedupSignature):
-    """datatrove's signature step on ftflow's shingles (normalize, word n-grams, CRC-32).
+    """datatrove's signature step on ftflow's shingles (normalize, word n-grams, CRC-32) and
+    the in-process MinHash of them.
 
-    They are the sets the exact Jaccard is computed on, so exact duplicates always share every
-    bucket; and a text shorter than n words is one shingle (datatrove's own shingling gives it
-    none, so it would never be deduplicated).
+    The shingles are the sets the exact Jaccard is computed on, so exact duplicates always
+    share every bucket; and a text shorter than n words is one shingle (datatrove's own
+    shingling gives it none, so it would never be deduplicated).
     """
 
     name = "🎯 MinHash stage 1 (ftflow shingles)"
 
+    def __init__(self, output_folder: str, config: MinhashConfig, num_perm: int) -> None:
+        super().__init__(output_folder, config=config)
+        self.num_perm = num_perm
+
     def get_shingles(self, text: str) -> np.ndarray:
         grams = shingle_hashes(shingles(normalize(text), self.config.n_grams))
         return grams.astype(np.uint64).reshape(-1, 1)
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        """The bands of the in-process MinHash: datasketch's num_perm hash values, of which the
+        first num_buckets x hashes_per_bucket, as MinHashLSH cuts them into bands."""
+        # Built as tasks.dedup does (MinHash.bulk, hashfunc=int): the permutations depend on
+        # num_perm, not only on how many values are used.
+        (mh,) = MinHash.bulk([shingles.ravel().tolist()], num_perm=self.num_perm, hashfunc=int)
+        used = mh.hashvalues[: self.num_hashes].astype(self.config.hash_config.np_dtype)
+        return [band.tolist() for band in np.split(used, self.config.num_buckets)]
 
 
 class KeepClustered(PipelineStep):
@@ -113,6 +135,26 @@ class KeepClustered(PipelineStep):
             if doc.metadata.get("minhash_cluster_id", -1) != -1:
                 self.stat_update("clustered")
                 yield doc
+
+
+class DefaultSigterm(PipelineStep):
+    """First step of every Ray stage: the process running the rank dies on SIGTERM again.
+
+    datatrove's RankWorker runs its ranks in a fork()ed multiprocess Pool, whose children
+    inherit Ray's Python SIGTERM handler. Python runs handlers in the main thread only, so when
+    the SIGTERM of Pool.terminate lands on another thread of a child (fsspec's IO thread, which
+    the rank's file reads start), the child sleeps on in the pool's queue lock, and the actor,
+    joining it, hangs the stage for good (seen here on 2 cores: one run in six).
+    """
+
+    type = "🔧 - SETUP"
+    name = "🔧 default SIGTERM"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        # Not a generator: it must act when the pipeline is built, also before steps that
+        # never read their input (buckets, clusters).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return data
 
 
 @dataclass(frozen=True)
@@ -153,7 +195,7 @@ def _stages(cfg: DedupConfig, work: WorkDir) -> list[tuple[str, list[PipelineSte
         return JsonlReader(str(work.shards), glob_pattern="*.jsonl.gz")
 
     return [
-        ("signatures", [shards(), ShingleSignature(str(sigs), config=mh)], cfg.tasks),
+        ("signatures", [shards(), ShingleSignature(str(sigs), mh, cfg.num_perm)], cfg.tasks),
         ("buckets", [MinhashDedupBuckets(str(sigs), str(buckets), config=mh)], mh.num_buckets),
         ("clusters", [MinhashDedupCluster(str(buckets), str(work.remove), config=mh,
                                           save_cluster_id=True)], 1),
@@ -168,6 +210,15 @@ def _venv_activate() -> str:
     """This interpreter's venv activate script, for Slurm jobs to source ("" if none)."""
     script = Path(sys.prefix) / "bin" / "activate"
     return str(script) if script.exists() else ""
+
+
+def _preload_forkserver() -> None:
+    """datatrove's local pools fork their workers from a forkserver, a fresh interpreter: with
+    this module preloaded there, no worker of any stage imports it again (prefect, datasketch,
+    datatrove: ~4 s per worker on 2 cores). No effect once the forkserver has started."""
+    import multiprocess
+
+    multiprocess.get_context("forkserver").set_forkserver_preload([__name__])
 
 
 def build_executors(cfg: DedupConfig, work: WorkDir) -> dict[str, PipelineExecutor]:
@@ -185,7 +236,7 @@ def build_executors(cfg: DedupConfig, work: WorkDir) -> dict[str, PipelineExecut
         elif cfg.executor == "ray":
             r = cfg.ray
             executors.append(RayPipelineExecutor(
-                steps, tasks=tasks, workers=cfg.workers or -1, logging_dir=logs,
+                [DefaultSigterm(), *steps], tasks=tasks, workers=cfg.workers or -1, logging_dir=logs,
                 cpus_per_task=r.cpus_per_task, mem_per_cpu_gb=r.mem_per_cpu_gb,
                 tasks_per_job=r.tasks_per_job))
         elif cfg.executor == "slurm":
@@ -215,7 +266,7 @@ def _export(input_path: str | Path, work: WorkDir, cfg: DedupConfig,
         for origin, rec in stream_input(input_path):
             if not isinstance(rec, ChatSample):
                 continue
-            carver.add(idx, rec.id, rec.kind == "chat")
+            carver.add(idx, rec.id, can_hold_out(rec))
             if origin == "heldout":
                 heldout.add(idx)
             # datatrove's reader skips empty texts; " " normalizes to "" like an empty one.
@@ -238,14 +289,37 @@ def _prepare_filter_inputs(work: WorkDir, tasks: int) -> None:
             (work.remove / f"{rank:06d}.{ext}").touch()
 
 
+_RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Ray's multi-host switch off while a local cluster runs, so its node IP is 127.0.0.1 and
+    the GCS, raylet and workers listen on the loopback, not on the host's address.
+
+    Ray reads the environment variable once, on import (ray_constants), and ray may have been
+    imported before this stage, so the constant is switched too. Both are restored afterwards:
+    a driver that takes 127.0.0.1 for its IP could not join a remote cluster later.
+    """
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(_RAY_CLUSTER_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_CLUSTER_SWITCH] = "0"  # inherited by the GCS, raylet and workers
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_RAY_CLUSTER_SWITCH, None)
+        else:
+            os.environ[_RAY_CLUSTER_SWITCH] = saved_env
+
+
 @contextmanager
 def _ray_session(rcfg: DedupRayConfig) -> Iterator[dict[str, str]]:
     """The Ray cluster the executor runs on: the caller's, when ray is initialized already;
     rcfg.address when set; else a local one started for the stage on 127.0.0.1, then stopped."""
-    if not rcfg.address and "ray" not in sys.modules:
-        # Read once, when ray is imported: with it off, a local cluster and the workers it
-        # starts listen on the loopback, not on the host's address (ray_constants).
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
@@ -253,14 +327,18 @@ def _ray_session(rcfg: DedupRayConfig) -> Iterator[dict[str, str]]:
         return
     if rcfg.address:
         ray.init(address=rcfg.address, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=rcfg.num_cpus, include_dashboard=False,
-                 log_to_driver=False)
-    try:
-        yield {"ray_cluster": rcfg.address or "local",
-               "ray_node_ip": ray.util.get_node_ip_address()}
-    finally:
-        ray.shutdown()
+        try:
+            yield {"ray_cluster": rcfg.address, "ray_node_ip": ray.util.get_node_ip_address()}
+        finally:
+            ray.shutdown()
+        return
+    with _loopback_only():
+        try:
+            ray.init(address="local", num_cpus=rcfg.num_cpus, include_dashboard=False,
+                     log_to_driver=False)
+            yield {"ray_cluster": "local", "ray_node_ip": ray.util.get_node_ip_address()}
+        finally:
+            ray.shutdown()  # also after a failed init, which can leave processes behind
 
 
 def _check_complete(executor: PipelineExecutor, name: str) -> None:
@@ -295,6 +373,8 @@ def run_datatrove(cfg: DedupConfig, work: WorkDir) -> dict[str, str]:
     """Run the four stages on cfg.executor, each to completion; returns facts for the manifest."""
     executors = build_executors(cfg, work)
     _prepare_filter_inputs(work, cfg.tasks)
+    if cfg.executor == "datatrove":
+        _preload_forkserver()
     if cfg.executor == "slurm":
         executors["filter"].run()  # submits the whole chain
         _wait_for_slurm(executors, cfg.slurm.poll_s)
