@@ -407,6 +407,8 @@ def main() -> None:
     ap.add_argument("--lookalike-share", type=float, default=0.05)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--workers", type=int, default=0,
+                    help="pii.workers for run_pii (0: one per CPU, as the stage's default)")
     ap.add_argument("--show-misses", type=int, default=0)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-pii-"))
@@ -416,7 +418,7 @@ def main() -> None:
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
     small = work / "chats-prefix.jsonl"
     small.write_text("".join(json.dumps(r) + "\n" for r in records[:args.naive_records]))
-    cfg = PiiConfig()
+    cfg = PiiConfig(workers=args.workers)
     get_engine(cfg)  # build once, outside the timings (both contenders share it)
 
     times: dict[str, list[float]] = defaultdict(list)
