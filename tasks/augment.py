@@ -154,7 +154,22 @@ def _distilabel_logging() -> Iterator[None]:
 
 
 def generate(seeds: list[ChatSample], cfg: AugmentConfig, home: str | Path) -> list[str | None]:
-    """One teacher reply per seed, in seed order (None where the teacher failed)."""
+    """One teacher reply per seed, in seed order (None where the teacher failed).
+
+    distilabel runs in a fresh interpreter (spawn), which then forks its step processes. Forked
+    straight from this process they can hang or segfault: once it has run torch on more than
+    one thread (training in a long-lived worker, an earlier stage or test), torch's OpenMP
+    runtime (libgomp) is not fork-safe, and distilabel's pool then waits forever.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_generate, seeds, cfg, str(home)).result()
+
+
+def _generate(seeds: list[ChatSample], cfg: AugmentConfig, home: str) -> list[str | None]:
+    """generate()'s work, in the process that runs distilabel."""
     from distilabel.pipeline import Pipeline
     from distilabel.steps import LoadDataFromDicts
     from distilabel.steps.tasks import ChatGeneration

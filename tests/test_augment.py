@@ -190,3 +190,42 @@ def test_validator_rejects_word_salad_and_broken_characters() -> None:
     assert validate_generation(broken, "Where is my refund?", cfg).startswith("broken characters")
     fine = "Sure! Your order #4821 shipped on 2024-05-01 and it's on the way to you."
     assert validate_generation(fine, "Where is my order?", cfg) is None
+
+
+# A process that already ran torch on two threads (as a long-lived worker does after training):
+# distilabel's step processes forked from it hung in OpenMP and the pipeline waited forever.
+AFTER_TORCH_THREADS = """
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    import torch
+
+    torch.set_num_threads(2)
+    x = torch.randn(512, 512)
+    for _ in range(10):
+        x = torch.tanh(x @ x.T / 512)  # starts torch's OpenMP thread team here
+    from data_contracts.config import AugmentConfig, TeacherConfig
+    from tasks.augment import run_augment
+
+    m = run_augment(sys.argv[1], sys.argv[2], AugmentConfig(
+        max_seed_records=2, teacher=TeacherConfig(max_new_tokens=8)), home=sys.argv[3])
+    print("generated", m.generated)
+"""
+
+
+def test_augment_runs_after_torch_used_threads_in_the_same_process(
+        stage_dir: Path, tmp_path: Path, home: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "after_torch.py"
+    script.write_text(AFTER_TORCH_THREADS)
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(script), str(stage_dir), str(tmp_path / "out"), str(home)],
+        cwd=repo, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(repo)])},
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "generated 2" in proc.stdout

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import psutil
 import pytest
-import ray
 from datasketch import MinHashLSH
 from pydantic import ValidationError
 
@@ -114,25 +117,46 @@ def test_datatrove_local_removes_what_in_process_removes(
     assert not (out / "_datatrove").exists()  # scratch removed after a finished run
 
 
-def _ray_processes() -> list[psutil.Process]:
-    """The GCS, raylet and workers a local cluster started below this process."""
-    return [p for p in psutil.Process().children(recursive=True)
-            if p.name() in ("gcs_server", "raylet") or p.name().startswith("ray::")]
+REPO = Path(__file__).resolve().parents[1]
+# The stage in a process of its own that imports ray first (ray then reads its loopback switch
+# before the stage can set it). Ray also leaves gRPC threads behind in the process that ran a
+# cluster, and a later fork() there (distilabel's worker pool in the pipeline tests) can die.
+RAY_STAGE = ("import sys, ray; from flows.cli import main; rc = main(sys.argv[1:]); "
+             "print('ray initialized after the stage:', ray.is_initialized()); sys.exit(rc)")
+
+
+def _ray_processes(since: float) -> list[psutil.Process]:
+    """GCS, raylet and Ray workers started after `since` that are still alive."""
+    found = []
+    for p in psutil.process_iter(["name", "create_time"]):
+        name = p.info["name"] or ""
+        if p.info["create_time"] >= since and (
+                name in ("gcs_server", "raylet") or name.startswith("ray::")):
+            found.append(p)
+    return found
 
 
 def test_ray_on_a_local_cluster_removes_the_same(
         corpus: Path, in_process: Path, tmp_path: Path, home: Path):
     out = tmp_path / "03-dedup"
+    started = time.time()
     # tasks_per_job=16: one Ray actor per stage, as each new actor process imports the stage's
     # module afresh (~4 s on 2 cores); the cluster itself takes ~11-13 s to start.
-    cfg = DedupConfig(**BASE, executor="ray", tasks=3,
-                      ray=DedupRayConfig(num_cpus=2, tasks_per_job=16, mem_per_cpu_gb=0.25))
-    m = run_dedup(corpus, out, cfg, home=home).check()
+    proc = subprocess.run(
+        [sys.executable, "-c", RAY_STAGE, "stage", "dedup", "--input", str(corpus),
+         "--output", str(out), f"run.home={home}", "dedup.eval_fraction=0.1",
+         "dedup.eval_max=200", "dedup.executor=ray", "dedup.tasks=3", "dedup.ray.num_cpus=2",
+         "dedup.ray.tasks_per_job=16", "dedup.ray.mem_per_cpu_gb=0.25"],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    m = Manifest.read(out).check()
     assert _outcome(out) == _outcome(in_process)
     assert m.info["executor"] == "ray"
     assert (m.info["ray_cluster"], m.info["ray_node_ip"]) == ("local", "127.0.0.1")
-    assert not ray.is_initialized()  # the stage's cluster is stopped, its processes gone
-    _, alive = psutil.wait_procs(_ray_processes(), timeout=5)
+    # The stage's cluster is stopped and its processes are gone.
+    assert "ray initialized after the stage: False" in proc.stdout
+    _, alive = psutil.wait_procs(_ray_processes(started), timeout=5)
     assert not alive
 
 
@@ -175,12 +199,18 @@ def test_rerun_is_skipped_and_tasks_workers_leave_the_digest(tmp_path: Path, hom
     cfg = DedupConfig(**BASE, executor="datatrove", tasks=2, workers=1)
     first = run_dedup(src, out, cfg, home=home)
     assert first.deduplicated == 1
+    # A skipped stage returns the manifest as it is on disk; a rerun rewrites it. (started_at
+    # has one-second resolution: two quick runs can share it.)
+    written = (out / "manifest.json").stat().st_mtime_ns
     for moved in (cfg, cfg.model_copy(update={"tasks": 5, "workers": 3}),
                   DedupConfig(**BASE, executor="ray", tasks=7, ray=DedupRayConfig(num_cpus=1))):
         assert moved.digest() == cfg.digest()
         again = run_dedup(src, out, moved, home=home)
         assert (again.started_at, again.config_digest) == (first.started_at, first.config_digest)
+        assert (out / "manifest.json").stat().st_mtime_ns == written
     assert DedupConfig(**BASE).digest() != cfg.digest()  # in process vs datatrove counts
     stricter = cfg.model_copy(update={"threshold": 0.9})
     assert stricter.digest() != cfg.digest()
-    assert run_dedup(src, out, stricter, home=home).started_at != first.started_at
+    rerun = run_dedup(src, out, stricter, home=home)
+    assert rerun.config_digest != first.config_digest
+    assert (out / "manifest.json").stat().st_mtime_ns != written
