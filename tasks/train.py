@@ -550,6 +550,36 @@ def _save_adapter(trainer: Any, adapter_dir: Path, is_main: bool) -> None:
         trainer.model.save_pretrained(str(adapter_dir))
 
 
+def _load_trainable(base: str, cfg: TrainConfig, cuda: bool) -> tuple[Any, bool, str | None]:
+    """_load_model, then peft's k-bit preparation of a 4-bit model (SFT, DPO and ORPO alike).
+
+    Not under FSDP: it casts norms and embeddings to fp32 beside bf16-stored 4-bit weights, and
+    FSDP cannot flatten parameters of mixed dtypes into one shard.
+    """
+    model, quantized, fallback_reason = _load_model(base, cfg, cuda)
+    if quantized and not _under_fsdp():
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return model, quantized, fallback_reason
+
+
+def _callbacks(cfg: TrainConfig, has_eval: bool,
+               cuda: bool) -> tuple[Any, Any, list[Any], bool]:
+    """The start-step probe, per-step stats and (when configured) early stopping: (probe,
+    stats, all callbacks, whether early stopping is on)."""
+    start, stats = _start_step_probe(), step_stats_callback(cuda)
+    callbacks: list[Any] = [start, stats]
+    early = _early_stopping(cfg, has_eval)
+    if early:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience,
+                                               cfg.early_stopping_threshold))
+    return start, stats, callbacks, early
+
+
 def _process_state() -> Any | None:
     """accelerate's PartialState when `accelerate launch` started several processes, else None.
 
@@ -610,14 +640,7 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
         log.warning("training on whole conversations, not only assistant turns: %s",
                     mask_problem)
 
-    model, quantized, fallback_reason = _load_model(base, cfg, cuda)
-    # Not under FSDP: it casts norms and embeddings to fp32 beside bf16-stored 4-bit weights,
-    # and FSDP cannot flatten parameters of mixed dtypes into one shard.
-    if quantized and not _under_fsdp():
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    model, quantized, fallback_reason = _load_trainable(base, cfg, cuda)
     optim = _optimizer(cfg, cuda, fallback_reason)
     ckpt_dir = out / CHECKPOINT_DIR
     fingerprint = _fingerprint(cfg, digests, seed)
@@ -635,14 +658,7 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules, use_dora=cfg.lora.use_dora, task_type="CAUSAL_LM",
     )
-    start, stats = _start_step_probe(), step_stats_callback(cuda)
-    callbacks: list[Any] = [start, stats]
-    early = _early_stopping(cfg, bool(eval_recs))
-    if early:
-        from transformers import EarlyStoppingCallback
-
-        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience,
-                                               cfg.early_stopping_threshold))
+    start, stats, callbacks, early = _callbacks(cfg, bool(eval_recs), cuda)
     trainer = SFTTrainer(
         model, args=args, train_dataset=Dataset.from_list(rows),
         eval_dataset=Dataset.from_list([_row(r) for r in eval_recs]) if eval_recs else None,

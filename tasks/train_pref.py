@@ -34,6 +34,7 @@ from tasks.train import (
     MERGED_DIR,
     STAGE,
     _adapter_to_fp32,
+    _callbacks,
     _check_round_trip,
     _compute_dtype,
     _count_linear4bit,
@@ -41,15 +42,12 @@ from tasks.train import (
     _encode,
     _fingerprint,
     _last,
-    _load_model,
+    _load_trainable,
     _merge,
     _optimizer,
     _prepare_tokenizer,
     _resume_point,
-    _start_step_probe,
-    _under_fsdp,
     _write_history,
-    step_stats_callback,
 )
 
 log = logging.getLogger(__name__)
@@ -214,13 +212,8 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
     writer = StageWriter(out, STAGE)
     train_recs, eval_recs, records_in = _select_pairs(input_path, writer, tokenizer, cfg)
 
-    model, quantized, fallback_reason = _load_model(base, cfg, cuda)
-    if quantized and not _under_fsdp():  # see tasks.train.run_train
-        from peft import prepare_model_for_kbit_training
-
-        # DPOTrainer does not do this itself (ORPOTrainer does, again, harmlessly).
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    # k-bit preparation: DPOTrainer does not do it itself (ORPOTrainer does, again, harmlessly).
+    model, quantized, fallback_reason = _load_trainable(base, cfg, cuda)
     optim = _optimizer(cfg, cuda, fallback_reason)
     ckpt_dir = out / CHECKPOINT_DIR
     resume_from = _resume_point(ckpt_dir, _fingerprint(cfg, digests, seed))
@@ -229,14 +222,7 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
     check_row = {"messages": [m.model_dump() for m in train_recs[0].conversation()]}
     expected_ids = _encode(tokenizer, check_row)
     args = _pref_config(cfg, ckpt_dir, cuda, optim, bool(eval_recs), seed)
-    start, stats = _start_step_probe(), step_stats_callback(cuda)
-    callbacks: list[Any] = [start, stats]
-    early = _early_stopping(cfg, bool(eval_recs))
-    if early:
-        from transformers import EarlyStoppingCallback
-
-        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience,
-                                               cfg.early_stopping_threshold))
+    start, stats, callbacks, early = _callbacks(cfg, bool(eval_recs), cuda)
     trainer = _build_trainer(cfg, model, args, tokenizer, train_recs, eval_recs, callbacks)
     stats.count_batches(trainer)  # ORPO does not count tokens itself
     _adapter_to_fp32(trainer.model)
