@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -387,36 +387,63 @@ def run_datatrove(cfg: DedupConfig, work: WorkDir) -> dict[str, str]:
     return {}
 
 
-def read_clusters(work: WorkDir) -> tuple[dict[int, list[Member]], int]:
-    """datatrove's clusters as {cluster id: members in stream order}, and how many members
-    datatrove's filter itself dropped (for comparison with the confirmed removals)."""
-    clusters: dict[int, list[Member]] = defaultdict(list)
+CLUSTER_PARTS = 16  # the replay holds one part of the clustered docs in memory at a time
+
+
+def partition_clusters(work: WorkDir, parts: int = CLUSTER_PARTS) -> tuple[list[Path], int]:
+    """datatrove's clustered docs (the ones it keeps and those it drops) spilled into `parts`
+    files by cluster id, so that replaying them needs memory for one part, not for every
+    duplicate of the corpus; and how many members datatrove's filter itself dropped."""
+    part_dir = work / "cluster-parts"
+    part_dir.mkdir(parents=True, exist_ok=True)
+    paths = [part_dir / f"{i:04d}.jsonl" for i in range(parts)]
+    files = [path.open("w", encoding="utf-8") for path in paths]
     dropped = 0
-    for part in ("kept", "removed"):
-        for path in sorted((work.clusters / part).glob("*.jsonl.gz")):
-            with gzip.open(path, "rt", encoding="utf-8") as fh:
-                for line in fh:
-                    doc = json.loads(line)
-                    meta = doc["metadata"]
-                    clusters[meta["minhash_cluster_id"]].append(
-                        (int(doc["id"]), meta["rid"], doc["text"]))
-                    dropped += part == "removed"
-    return {cid: sorted(members) for cid, members in clusters.items()}, dropped
+    try:
+        for part in ("kept", "removed"):
+            for path in sorted((work.clusters / part).glob("*.jsonl.gz")):
+                with gzip.open(path, "rt", encoding="utf-8") as fh:
+                    for line in fh:
+                        doc = json.loads(line)
+                        meta = doc["metadata"]
+                        cid = meta["minhash_cluster_id"]
+                        row = [cid, int(doc["id"]), meta["rid"], doc["text"]]
+                        files[cid % parts].write(json.dumps(row, ensure_ascii=False) + "\n")
+                        dropped += part == "removed"
+    finally:
+        for fh in files:
+            fh.close()
+    return paths, dropped
 
 
-def decide_clusters(clusters: dict[int, list[Member]], eval_idx: set[int],
-                    cfg: DedupConfig) -> dict[int, Removal]:
+def iter_clusters(paths: list[Path]) -> Iterator[list[Member]]:
+    """Each cluster's members in stream order, one partition file in memory at a time."""
+    for path in paths:
+        clusters: dict[int, list[Member]] = defaultdict(list)
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                cid, idx, rid, text = json.loads(line)
+                clusters[cid].append((idx, rid, text))
+        for members in clusters.values():
+            yield sorted(members)
+
+
+def decide_clusters(clusters: Iterable[list[Member]], eval_idx: set[int],
+                    cfg: DedupConfig) -> tuple[dict[int, Removal], int, int]:
     """Per cluster, tasks.dedup.decide with every kept member as a candidate: the removals by
-    stream position, each naming the id of the record it duplicates."""
+    stream position, each naming the id of the record it duplicates; and how many clusters
+    and members there were."""
     removed: dict[int, Removal] = {}
-    for members in clusters.values():
+    n_clusters = n_members = 0
+    for members in clusters:
+        n_clusters, n_members = n_clusters + 1, n_members + len(members)
         sigs = [text_sig(rid, text, cfg.ngram) for _, rid, text in members]
         local_eval = {j for j, (idx, _, _) in enumerate(members) if idx in eval_idx}
         for j, decision in decide(sigs, local_eval, cfg, use_lsh=False).items():
             if decision is not None:
                 kind, kept, jaccard = decision
                 removed[members[j][0]] = (kind, members[kept][1], jaccard)
-    return removed
+    return removed, n_clusters, n_members
 
 
 def run_dedup_datatrove(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
@@ -433,16 +460,16 @@ def run_dedup_datatrove(input_path: str | Path, out_dir: str | Path, cfg: DedupC
     t0 = time.monotonic()
     facts = run_datatrove(cfg, work)
     datatrove_s = time.monotonic() - t0
-    clusters, dropped = read_clusters(work)
-    removed = decide_clusters(clusters, eval_idx, cfg)
+    parts, dropped = partition_clusters(work)
+    removed, n_clusters, n_members = decide_clusters(iter_clusters(parts), eval_idx, cfg)
     mh = minhash_config(cfg)
     manifest = write_stage(
         input_path, out_dir, eval_idx, removed, digests=digests, config_digest=config_digest,
         info={"heldout": "reused" if reused else "carved", "seed": seed,
               "executor": cfg.executor, "tasks": cfg.tasks,
               "minhash": f"{mh.num_buckets} buckets x {mh.hashes_per_bucket} hashes", **facts},
-        metrics={"dedup.clusters": float(len(clusters)),
-                 "dedup.cluster_members": float(sum(map(len, clusters.values()))),
+        metrics={"dedup.clusters": float(n_clusters),
+                 "dedup.cluster_members": float(n_members),
                  "dedup.datatrove_dropped": float(dropped),
                  "dedup.datatrove_s": round(datatrove_s, 3)})
     shutil.rmtree(work.root)
