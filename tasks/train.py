@@ -580,6 +580,12 @@ def _callbacks(cfg: TrainConfig, has_eval: bool,
     return start, stats, callbacks, early
 
 
+def _already_trained(out: Path, digests: dict[str, str], config_digest: str) -> bool:
+    """The stage ran to the end on these inputs and config: manifest and merged model exist
+    (a manifest alone can predate a crash in the merge)."""
+    return up_to_date(out, digests, config_digest) and (out / MERGED_DIR / "config.json").exists()
+
+
 def _process_state() -> Any | None:
     """accelerate's PartialState when `accelerate launch` started several processes, else None.
 
@@ -613,7 +619,7 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
     digests = input_digests(input_path)
     cdig = cfg.digest()
     out = Path(out_dir)
-    if up_to_date(out, digests, cdig) and (out / MERGED_DIR / "config.json").exists():
+    if _already_trained(out, digests, cdig):
         return Manifest.read(out)
 
     import torch

@@ -26,7 +26,7 @@ from data_contracts.config import TrainConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
 from tasks.base_model import resolve_base_model
-from tasks.io import StageWriter, input_digests, read_records, up_to_date
+from tasks.io import StageWriter, input_digests, read_records
 from tasks.train import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
@@ -34,6 +34,7 @@ from tasks.train import (
     MERGED_DIR,
     STAGE,
     _adapter_to_fp32,
+    _already_trained,
     _callbacks,
     _check_round_trip,
     _compute_dtype,
@@ -201,7 +202,7 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
     digests = input_digests(input_path)
     cdig = cfg.digest()
     out = Path(out_dir)
-    if up_to_date(out, digests, cdig) and (out / MERGED_DIR / "config.json").exists():
+    if _already_trained(out, digests, cdig):
         return Manifest.read(out)
 
     import torch
