@@ -14,6 +14,9 @@ people sort them.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
 import random
@@ -22,7 +25,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from data_contracts.records import ChatSample
 from tasks.io import Quarantined, iter_input
@@ -98,6 +101,34 @@ def _split(texts: list[str], fraction: float, rng: random.Random) -> tuple[list[
     return order[n_held:], order[:n_held]
 
 
+M_PERTURB = -6  # glibc mallopt(): fill every malloc'd block with (byte ^ 0xff)
+
+
+@contextlib.contextmanager
+def _zero_filled_malloc() -> Iterator[bool]:
+    """While training fastText, every ``malloc`` returns zeroed memory (glibc only).
+
+    The fastText build we pin (fasttext-numpy2-wheel 0.9.2) allocates the input matrix
+    without zeroing it, and with ``thread=1`` its random init covers only the first tenth of
+    the rows (upstream's block split assumes 10 threads). The other rows hold whatever the heap
+    held before: in a fresh interpreter that is mostly zero pages, in a long-lived one it is
+    freed garbage, so the same examples trained to different models, diverged ("Encountered
+    NaN") at any learning rate, or lost accuracy - only in a full test suite or a busy worker.
+    glibc's M_PERTURB makes each allocation start as zeros (upstream's ``std::vector``
+    semantics); it is reset to off on exit. Yields False where mallopt is unavailable.
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None or not mallopt(M_PERTURB, 0xFF):
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        mallopt(M_PERTURB, 0)
+
+
 def _fit(train_file: Path, params: dict[str, Any]) -> tuple[Any, float]:
     """Train, halving the learning rate when fastText diverges.
 
@@ -107,9 +138,7 @@ def _fit(train_file: Path, params: dict[str, Any]) -> tuple[Any, float]:
     import fasttext
 
     lr = params["lr"]
-    # Where it stops diverging is not stable (the full test suite once saw NaN down to 6.25
-    # from 50 on data where 25 usually trains): keep halving, 50 -> 0.2 in 8 tries.
-    for _ in range(8):
+    for _ in range(8):  # 50 -> 0.4 in 8 tries
         try:
             model = fasttext.train_supervised(input=str(train_file), **{**params, "lr": lr})
             return model, lr
@@ -160,7 +189,10 @@ def train_quality_model(good: Sequence[str | Path], bad: Sequence[str | Path], o
               "bucket": bucket, "minCount": 1, "loss": "softmax", "thread": 1, "seed": seed,
               "verbose": 0}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _zero_filled_malloc() as zeroed:
+        if not zeroed:
+            log.warning("quality-model: no glibc mallopt here; fastText starts from "
+                        "uninitialized memory, so retraining may give a different model")
         train_file = Path(tmp) / "train.txt"
         train_file.write_text("\n".join(train_lines) + "\n", encoding="utf-8")
         model, used_lr = _fit(train_file, params)
