@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from prefect import task
 
 from data_contracts.config import AugmentConfig, TeacherConfig
 from data_contracts.manifest import Manifest
@@ -29,6 +28,7 @@ from data_contracts.records import ChatSample, Message, content_id
 from tasks.base_model import resolve_base_model
 from tasks.io import Quarantined, StageWriter, input_digests, is_stage_dir, iter_input
 from tasks.io import read_records, up_to_date
+from tasks.wrap import prefect_task
 
 log = logging.getLogger(__name__)
 
@@ -255,5 +255,6 @@ def run_augment(input_path: str | Path, out_dir: str | Path, cfg: AugmentConfig,
                          config_digest=cdig, metrics=metrics, info=info)
 
 
-augment_task = task(name="augment", retries=2, retry_delay_seconds=[2, 10],
-                    tags=["ftflow"])(run_augment)
+# The Prefect task (tasks/wrap.py): `from tasks.augment import augment_task`, built on first use.
+__getattr__ = prefect_task("augment_task", run_augment, globals(),
+                           name="augment", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
-from prefect import task
 
 from data_contracts.config import DedupConfig
 from data_contracts.manifest import Manifest
@@ -29,6 +28,7 @@ from tasks.io import (
     read_records,
     up_to_date,
 )
+from tasks.wrap import prefect_task
 
 logger = logging.getLogger(__name__)
 
@@ -292,4 +292,6 @@ def write_stage(input_path: str | Path, out_dir: str | Path, eval_idx: set[int],
                          info=info)
 
 
-dedup_task = task(name="dedup", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])(run_dedup)
+# The Prefect task (tasks/wrap.py): `from tasks.dedup import dedup_task`, built on first use.
+__getattr__ = prefect_task("dedup_task", run_dedup, globals(),
+                           name="dedup", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])

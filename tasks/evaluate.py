@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prefect import task
 
 from data_contracts.config import EvaluateConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
 from tasks.io import StageWriter, file_digest, input_digests, read_records, up_to_date
+from tasks.wrap import prefect_task
 
 log = logging.getLogger(__name__)
 
@@ -229,5 +229,6 @@ def run_evaluate(data_dir: str | Path, train_dir: str | Path, out_dir: str | Pat
                          metrics=metrics, info=info)
 
 
-evaluate_task = task(name="evaluate", retries=2, retry_delay_seconds=[2, 10],
-                     tags=["ftflow"])(run_evaluate)
+# The Prefect task (tasks/wrap.py): `from tasks.evaluate import evaluate_task`, built on first use.
+__getattr__ = prefect_task("evaluate_task", run_evaluate, globals(),
+                           name="evaluate", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])

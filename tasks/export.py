@@ -26,12 +26,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel, PythonModelContext
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
-from prefect import task
 
 from data_contracts.config import ExportConfig
 from data_contracts.manifest import Manifest
 from tasks.io import StageWriter, file_digest, up_to_date
 from tasks.tracking import ensure_experiment
+from tasks.wrap import prefect_task
 
 log = logging.getLogger(__name__)
 
@@ -294,5 +294,6 @@ def run_export(train_dir: str | Path, eval_dir: str | Path, out_dir: str | Path,
                          metrics={"export.registered": float(registered)}, info=info)
 
 
-export_task = task(name="export", retries=2, retry_delay_seconds=[2, 10],
-                   tags=["ftflow"])(run_export)
+# The Prefect task (tasks/wrap.py): `from tasks.export import export_task`, built on first use.
+__getattr__ = prefect_task("export_task", run_export, globals(),
+                           name="export", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])

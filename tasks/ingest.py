@@ -31,7 +31,6 @@ from datatrove.pipeline.filters import (
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.lid import FT176LID
 from datatrove.utils.word_tokenizers import SpaCyTokenizer, strip_strings
-from prefect import task
 
 from data_contracts.config import ConfigError, IngestConfig
 from data_contracts.manifest import Manifest
@@ -40,6 +39,7 @@ from tasks.assets import ensure_lid_model
 from tasks.base_model import resolve_base_model
 from tasks.io import Quarantined, StageWriter, file_digest, input_digests, iter_input, up_to_date
 from tasks.quality import QualityModel
+from tasks.wrap import prefect_task
 
 log = logging.getLogger(__name__)
 
@@ -544,5 +544,6 @@ def run_ingest(input_path: str | Path | list[str], out_dir: str | Path, cfg: Ing
     return manifest
 
 
-ingest_task = task(name="ingest", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])(
-    run_ingest)
+# The Prefect task (tasks/wrap.py): `from tasks.ingest import ingest_task`, built on first use.
+__getattr__ = prefect_task("ingest_task", run_ingest, globals(),
+                           name="ingest", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])

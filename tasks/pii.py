@@ -18,7 +18,6 @@ from pathlib import Path
 
 import phonenumbers
 import spacy
-from prefect import task
 from presidio_analyzer import (
     AnalyzerEngine,
     EntityRecognizer,
@@ -54,6 +53,7 @@ from tasks.io import (
     read_records,
     up_to_date,
 )
+from tasks.wrap import prefect_task
 
 logger = logging.getLogger(__name__)
 
@@ -685,4 +685,6 @@ def run_pii(input_path: str | Path, out_dir: str | Path, cfg: PiiConfig, *,
                                "redactions_sample": str(sample_path)})
 
 
-pii_task = task(name="pii", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])(run_pii)
+# The Prefect task (tasks/wrap.py): `from tasks.pii import pii_task`, built on first use.
+__getattr__ = prefect_task("pii_task", run_pii, globals(),
+                           name="pii", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])

@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
 
 from data_contracts.config import TrainConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
 from tasks.base_model import CHATML_TEMPLATE, resolve_base_model
 from tasks.io import StageWriter, input_digests, read_records, up_to_date
+from tasks.wrap import prefect_task
 
 log = logging.getLogger(__name__)
 
@@ -742,4 +742,6 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
                          metrics=metrics, info=info)
 
 
-train_task = task(name="train", retries=1, retry_delay_seconds=[10], tags=["ftflow"])(run_train)
+# The Prefect task (tasks/wrap.py): `from tasks.train import train_task`, built on first use.
+__getattr__ = prefect_task("train_task", run_train, globals(),
+                           name="train", retries=1, retry_delay_seconds=[10], tags=["ftflow"])

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from data_contracts.manifest import Manifest
 from flows.cli import main
+from flows.env import OFFLINE_ENV
 from tasks.io import read_records
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_jsonl(path: Path, rows: list[object]) -> Path:
@@ -73,3 +79,25 @@ def test_a_new_home_gets_prefect_state_dir(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv("PREFECT_HOME")
     _set_home_env(str(tmp_path / "new" / "home"))
     assert (tmp_path / "new" / "home" / "prefect").is_dir()
+
+
+STAGE_MODULES = ("ingest", "pii", "dedup", "augment", "train", "evaluate", "export")
+
+
+def test_stage_functions_import_without_prefect_and_the_pipeline_gets_its_tasks() -> None:
+    """`ftflow stage` and each `accelerate launch` rank load the stage, not Prefect; the flow's
+    `from tasks.X import X_task` still gets the task with its retries."""
+    probe = (
+        "import importlib, sys\n"
+        f"mods = [importlib.import_module('tasks.' + m) for m in {STAGE_MODULES!r}]\n"
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'prefect'}))\n"
+        "from tasks.train import train_task\n"
+        "from tasks.ingest import ingest_task\n"
+        "print(train_task.name, train_task.retries, ingest_task.retries, "
+        "mods[4].train_task is train_task)\n"
+        "try:\n    mods[4].no_such_task\nexcept AttributeError as err:\n    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, cwd=REPO, env={**os.environ, **OFFLINE_ENV}).stdout
+    assert out.splitlines() == ["[]", "train 1 2 True",
+                                "module 'tasks.train' has no attribute 'no_such_task'"]
