@@ -586,6 +586,50 @@ def _already_trained(out: Path, digests: dict[str, str], config_digest: str) -> 
     return up_to_date(out, digests, config_digest) and (out / MERGED_DIR / "config.json").exists()
 
 
+class Ranks:
+    """The processes `accelerate launch` started for this stage; one process when not launched.
+
+    Every process trains (DDP splits the batches, FSDP the weights), and only the main one
+    writes the stage: records, the checkpoint marker, adapter, merged model and manifest.
+    Shared by SFT and DPO/ORPO so both follow one protocol.
+    """
+
+    def __init__(self) -> None:
+        self.state = _process_state()
+        self.is_main = self.state is None or self.state.is_main_process
+        self.world_size = self.state.num_processes if self.state is not None else 1
+        # The others keep their (identical) selection of records in a scratch directory.
+        self._scratch = None if self.is_main else Path(tempfile.mkdtemp(prefix="ftflow-rank"))
+
+    def writer(self, out: Path) -> StageWriter:
+        return StageWriter(self._scratch or out, STAGE)
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def resume_point(self, ckpt_dir: Path, fingerprint: dict[str, Any]) -> str | None:
+        """The main process may remove stale checkpoints and writes the marker: it goes first."""
+        resume_from = _resume_point(ckpt_dir, fingerprint) if self.is_main else None
+        self.barrier()
+        return resume_from if self.is_main else _resume_point(ckpt_dir, fingerprint)
+
+    def save_adapter(self, trainer: Any, adapter_dir: Path) -> Manifest | None:
+        """Write the adapter (collectively where it is sharded). On the other processes the stage
+        ends here: the returned manifest says so; the main one gets None and goes on."""
+        if self.is_main:
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+        self.barrier()
+        _save_adapter(trainer, adapter_dir, self.is_main)
+        if self.is_main:
+            return None
+        # The main process merges (minutes for an 8B model): no barrier after this point, or
+        # the others could hit the process group's timeout waiting for it.
+        shutil.rmtree(self._scratch, ignore_errors=True)
+        return Manifest(stage=STAGE, info={"rank": self.state.process_index,
+                                           "main_process": False})
+
+
 def _process_state() -> Any | None:
     """accelerate's PartialState when `accelerate launch` started several processes, else None.
 
@@ -631,12 +675,8 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
     cuda = torch.cuda.is_available()
     tokenizer, template_source = _prepare_tokenizer(base, cfg)
     training_template, mask_problem = _training_template(tokenizer)
-    # Under `accelerate launch` every process trains on the same selection, and only the main
-    # one writes the stage (records, checkpoints marker, adapter, merged model, manifest).
-    dist = _process_state()
-    is_main = dist is None or dist.is_main_process
-    scratch = None if is_main else Path(tempfile.mkdtemp(prefix="ftflow-train-rank"))
-    writer = StageWriter(scratch or out, STAGE)
+    ranks = Ranks()  # under `accelerate launch`: all train, the main process writes
+    writer = ranks.writer(out)
     can_mask = cfg.assistant_only_loss and mask_problem is None
     train_recs, eval_recs, records_in, kind = _select_records(
         input_path, writer, tokenizer, cfg, training_template, can_mask)
@@ -649,13 +689,7 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
     model, quantized, fallback_reason = _load_trainable(base, cfg, cuda)
     optim = _optimizer(cfg, cuda, fallback_reason)
     ckpt_dir = out / CHECKPOINT_DIR
-    fingerprint = _fingerprint(cfg, digests, seed)
-    if is_main:  # it may remove stale checkpoints and writes the marker: once, before the rest
-        resume_from = _resume_point(ckpt_dir, fingerprint)
-    if dist is not None:
-        dist.wait_for_everyone()
-        if not is_main:
-            resume_from = _resume_point(ckpt_dir, fingerprint)
+    resume_from = ranks.resume_point(ckpt_dir, _fingerprint(cfg, digests, seed))
 
     rows = [_row(r) for r in train_recs]
     args = _sft_config(cfg, ckpt_dir, cuda, _compute_dtype(cuda), optim, bool(eval_recs),
@@ -686,16 +720,8 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
     tokens_seen = float(getattr(trainer, "_total_train_tokens", 0) or 0)
 
     adapter_dir, merged_dir = out / ADAPTER_DIR, out / MERGED_DIR
-    if is_main:
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-    if dist is not None:
-        dist.wait_for_everyone()
-    _save_adapter(trainer, adapter_dir, is_main)
-    if not is_main:
-        # The main process merges (minutes for an 8B model): no barrier after this point, or
-        # the others could hit the process group's timeout waiting for it.
-        shutil.rmtree(scratch, ignore_errors=True)
-        return Manifest(stage=STAGE, info={"rank": dist.process_index, "main_process": False})
+    if (not_main := ranks.save_adapter(trainer, adapter_dir)) is not None:
+        return not_main
     tokenizer.save_pretrained(str(adapter_dir))
     final_step, planned_steps = trainer.state.global_step, trainer.state.max_steps
     del trainer, model
@@ -734,7 +760,7 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
         "group_by_length": cfg.group_by_length, "packing": cfg.packing,
         "early_stopping": early, "best_step": best_step,
         "stopped_early": early and final_step < planned_steps,
-        "world_size": dist.num_processes if dist is not None else 1,
+        "world_size": ranks.world_size,
     }
     log.info("trained %s for %d steps (from %d): train loss %.3f, eval loss %s",
              base, final_step, start.step, metrics["train_loss"], metrics.get("eval_loss"))

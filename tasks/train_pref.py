@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import logging
 import resource
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from tasks.train import (
     CHECKPOINT_DIR,
     HISTORY_FILE,
     MERGED_DIR,
-    STAGE,
+    Ranks,
     _adapter_to_fp32,
     _already_trained,
     _callbacks,
@@ -47,7 +46,6 @@ from tasks.train import (
     _merge,
     _optimizer,
     _prepare_tokenizer,
-    _resume_point,
     _write_history,
 )
 
@@ -210,14 +208,15 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
     base = resolve_base_model(cfg.base_model, home)
     cuda = torch.cuda.is_available()
     tokenizer, template_source = _prepare_tokenizer(base, cfg)
-    writer = StageWriter(out, STAGE)
+    ranks = Ranks()  # under `accelerate launch`: all train, the main process writes
+    writer = ranks.writer(out)
     train_recs, eval_recs, records_in = _select_pairs(input_path, writer, tokenizer, cfg)
 
     # k-bit preparation: DPOTrainer does not do it itself (ORPOTrainer does, again, harmlessly).
     model, quantized, fallback_reason = _load_trainable(base, cfg, cuda)
     optim = _optimizer(cfg, cuda, fallback_reason)
     ckpt_dir = out / CHECKPOINT_DIR
-    resume_from = _resume_point(ckpt_dir, _fingerprint(cfg, digests, seed))
+    resume_from = ranks.resume_point(ckpt_dir, _fingerprint(cfg, digests, seed))
 
     # The round trip check compares the exported tokenizer on what DPO/ORPO render: prompt+chosen.
     check_row = {"messages": [m.model_dump() for m in train_recs[0].conversation()]}
@@ -240,8 +239,8 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
     tokens_seen = float(getattr(trainer, "_total_train_tokens", 0) or stats.counted)
 
     adapter_dir, merged_dir = out / ADAPTER_DIR, out / MERGED_DIR
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    trainer.model.save_pretrained(str(adapter_dir))
+    if (not_main := ranks.save_adapter(trainer, adapter_dir)) is not None:
+        return not_main
     tokenizer.save_pretrained(str(adapter_dir))
     final_step, planned_steps = trainer.state.global_step, trainer.state.max_steps
     del trainer, model
@@ -283,6 +282,7 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
         "group_by_length": False, "packing": False,
         "early_stopping": early, "best_step": best_step,
         "stopped_early": early and final_step < planned_steps,
+        "world_size": ranks.world_size,
     }
     log.info("%s on %s for %d steps (from %d): train loss %.3f, eval reward accuracy %s",
              cfg.objective, base, final_step, start.step, metrics["train_loss"],

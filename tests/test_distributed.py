@@ -138,32 +138,42 @@ def test_the_adapter_is_written_once_and_loads(ddp_run: dict[str, Any]) -> None:
     assert not torch.allclose(before, after)
 
 
+def _launch_stage(src: Path, out: Path, home: Path, *overrides: str) -> str:
+    """`ftflow stage train` under the DDP launch on WORLD CPU processes; its stdout."""
+    from tasks.base_model import resolve_base_model
+
+    resolve_base_model("builtin:tiny-llama", home)  # built once, not by both ranks
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch",
+           "--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml"),
+           "--num_processes", str(WORLD), "--mixed_precision", "no",
+           "--main_process_port", "0", "-m", "flows.cli", "stage", "train",
+           "--input", str(src), "--output", str(out), f"run.home={home}",
+           f"train.batch_size={PER_DEVICE}", "train.gradient_checkpointing=false", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout
+
+
+def _history(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
 def test_the_train_stage_under_ddp_writes_one_stage_dir(
         session_home: Path, tmp_path: Path) -> None:
     """`ftflow stage train` itself under the DDP launch: one manifest, adapter and merged model
     from the main process, all ranks trained together (the ranks used to race on merged/)."""
     from data_contracts.manifest import Manifest
     from model_fixtures import support_chats, write_stage_dir
-    from tasks.base_model import resolve_base_model
     from tasks.io import read_records
 
-    resolve_base_model("builtin:tiny-llama", session_home)  # built once, not by both ranks
     src = write_stage_dir(tmp_path / "in", support_chats(N_TRAIN, seed=3),
                           support_chats(4, seed=4, prefix="h"))
     out = tmp_path / "out"
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch",
-           "--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml"),
-           "--num_processes", str(WORLD), "--mixed_precision", "no",
-           "--main_process_port", "0", "-m", "flows.cli", "stage", "train",
-           "--input", str(src), "--output", str(out), f"run.home={session_home}",
-           f"train.max_steps={STEPS // 2}", f"train.batch_size={PER_DEVICE}",
-           "train.max_length=64", "train.eval_steps=4", "train.save_steps=4",
-           "train.gradient_checkpointing=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    stdout = _launch_stage(src, out, session_home, f"train.max_steps={STEPS // 2}",
+                           "train.max_length=64", "train.eval_steps=4", "train.save_steps=4")
     # One process (the main one) wrote and reported the stage.
-    assert proc.stdout.count(f"train: in={N_TRAIN + 4} ") == 1, proc.stdout[-3000:]
+    assert stdout.count(f"train: in={N_TRAIN + 4} ") == 1, stdout[-3000:]
     m = Manifest.read(out).check()
     assert m.info["world_size"] == WORLD and m.info["quantized"]
     assert m.splits == {"train": N_TRAIN, "eval": 4}
@@ -171,10 +181,43 @@ def test_the_train_stage_under_ddp_writes_one_stage_dir(
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert not (out / "adapter" / "training_args.bin").exists()
     assert (out / "merged" / "config.json").exists()
-    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     # Each optimizer step took WORLD x PER_DEVICE records.
-    assert max(h.get("epoch", 0) for h in history) == pytest.approx(
+    assert max(h.get("epoch", 0) for h in _history(out)) == pytest.approx(
         (STEPS // 2) * WORLD * PER_DEVICE / N_TRAIN)
+
+
+def test_dpo_under_ddp_writes_one_stage_dir(session_home: Path, tmp_path: Path) -> None:
+    """DPO follows the same protocol: every rank trains its share of the pairs, the main one
+    writes the stage."""
+    from data_contracts.manifest import Manifest
+    from data_contracts.records import ChatSample, Message
+    from model_fixtures import write_stage_dir
+    from tasks.io import read_records
+
+    def pair(i: int) -> ChatSample:
+        return ChatSample(id=f"p{i}", messages=[Message(role="user",
+                                                        content=f"Where is order {i}?")],
+                          chosen=f"Order {i} ships today; here is the tracking link.",
+                          rejected="Not my problem.")
+
+    n_pairs, steps = 16, 2
+    src = write_stage_dir(tmp_path / "in", [pair(i) for i in range(n_pairs)], [pair(99)])
+    out = tmp_path / "out"
+    stdout = _launch_stage(src, out, session_home, "train.objective=dpo",
+                           f"train.max_steps={steps}", "train.max_length=48",
+                           "train.eval_steps=2", "train.save_steps=2",
+                           "train.logging_steps=1")
+    assert stdout.count(f"train: in={n_pairs + 1} ") == 1, stdout[-3000:]
+    m = Manifest.read(out).check()
+    assert m.info["objective"] == "dpo" and m.info["world_size"] == WORLD
+    assert m.info["quantized"] and m.splits == {"train": n_pairs, "eval": 1}
+    assert len(list(read_records(out))) == n_pairs
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "merged" / "config.json").exists()
+    history = _history(out)
+    assert max(h.get("epoch", 0) for h in history) == pytest.approx(
+        steps * WORLD * PER_DEVICE / n_pairs)
+    assert any("rewards/margins" in h for h in history)
 
 
 def test_accelerate_configs_parse_with_accelerates_loader() -> None:
