@@ -8,6 +8,7 @@ safetensors with the chat template, plus ``history.jsonl`` (the trainer's log) f
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -17,8 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
+from typing import Any, Iterator
 
 from data_contracts.config import TrainConfig
 from data_contracts.manifest import Manifest
@@ -326,6 +326,48 @@ def _adapter_to_fp32(model: Any) -> int:
             param.data = param.data.float()
             cast += 1
     return cast
+
+
+# trl's fused LM head on devices without Triton (CPU): tokens per tile and vocabulary columns
+# per tile, so each of the fallback's ~6 fp32 temporaries is 512 x 8192 x 4 B = 16 MB at most.
+CPU_LOGPROB_TOKENS, CPU_LOGPROB_VOCAB = 512, 8192
+
+
+def _score_labelled_positions(device: Any) -> bool:
+    """Stands in for trl's "is this a Triton device" when it decides whether to score only the
+    positions that carry a label: always (see _cpu_logprob_tiles)."""
+    return True
+
+
+@contextlib.contextmanager
+def _cpu_logprob_tiles(enabled: bool) -> Iterator[None]:
+    """Bound the memory of trl's fused LM head (SFT's loss) where it runs without Triton.
+
+    trl computes per-token log-probs without full logits, in tiles; on CUDA a Triton kernel folds
+    each tile, elsewhere torch ops do, on the whole tile at once: 4096 tokens x 32768 columns
+    per tile, ~6 temporaries of that size alive together in backward. With the tiny model it
+    was 60% of a step's peak live memory (a batch of 8 x 512 tokens: 995 MB, of which a 511 MB
+    buffer and five 62 MB temporaries); with a 128k vocabulary each temporary would be 512 MB.
+    Smaller tiles bound them, and off Triton trl also scores every position, prompt and
+    padding included, where only labelled (assistant) positions count: scoring only those is
+    what it does on CUDA, gives the same loss, and skips the wasted LM-head work.
+    The module globals are trl 1.16's (pinned); tests/test_train.py fails if they move.
+    """
+    if not enabled:
+        yield
+        return
+    import trl.kernels.chunked_logprob as kernel
+    import trl.trainer.utils as trl_utils
+
+    saved = (kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl_utils._use_triton)
+    kernel.TOKEN_CHUNK_SIZE = CPU_LOGPROB_TOKENS
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_LOGPROB_VOCAB
+    trl_utils._use_triton = _score_labelled_positions
+    try:
+        yield
+    finally:
+        (kernel.TOKEN_CHUNK_SIZE, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE,
+         trl_utils._use_triton) = saved
 
 
 def _start_step_probe() -> Any:
@@ -710,12 +752,14 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
     _adapter_to_fp32(trainer.model)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     linear4bit = _count_linear4bit(trainer.model)
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    evaluated = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
-    best_step = trainer.state.best_global_step if early else None
-    loaded_best = best_step is not None and best_step != trainer.state.global_step
-    if eval_recs and (loaded_best or not evaluated or evaluated[-1] != trainer.state.global_step):
-        trainer.evaluate()  # the final eval loss, of the model we export
+    with _cpu_logprob_tiles(not cuda):
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        evaluated = [h["step"] for h in trainer.state.log_history if "eval_loss" in h]
+        best_step = trainer.state.best_global_step if early else None
+        loaded_best = best_step is not None and best_step != trainer.state.global_step
+        if eval_recs and (loaded_best or not evaluated
+                          or evaluated[-1] != trainer.state.global_step):
+            trainer.evaluate()  # the final eval loss, of the model we export
     history = trainer.state.log_history
     tokens_seen = float(getattr(trainer, "_total_train_tokens", 0) or 0)
 

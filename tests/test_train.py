@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from data_contracts.config import LoraConfig, TrainConfig
 from data_contracts.records import ChatSample, Message
@@ -239,6 +242,70 @@ def test_4bit_layers_still_backpropagate_after_an_evaluation(session_home: Path)
     weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
     assert x.grad is not None
     assert torch.allclose(x.grad[0], weight.sum(0), atol=1e-3)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the element count of the largest tensor any op produced."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_cpu_logprob_tiles_keep_trls_loss_and_gradients_in_smaller_tiles(session_home: Path):
+    """SFT's loss is trl's fused LM head; on CPU we shrink its tiles and score only labelled
+    positions. Same loss, metrics and LoRA gradients as trl's own CPU path, and no tensor of
+    trl's 4096-token x 32768-column tile size. Fails too if trl's module globals move."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tasks.base_model import resolve_base_model
+    from tasks.train import CPU_LOGPROB_TOKENS, CPU_LOGPROB_VOCAB, _cpu_logprob_tiles
+
+    base = resolve_base_model("builtin:tiny-llama", session_home)
+    model, _, _ = _load_model(base, TrainConfig(), cuda=False)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    model = get_peft_model(model, PeftLora(r=8, lora_alpha=16, target_modules="all-linear",
+                                           lora_dropout=0.0, task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 300, (4, 600), generator=gen)
+    attention = torch.ones_like(ids)
+    attention[1, 400:] = 0  # a padded row
+    labels = ids.clone()
+    labels[:, :250] = -100  # a prompt
+    labels[attention == 0] = -100
+
+    def run(tiled: bool, record: bool = False):
+        model.zero_grad()
+        mode = _LargestTensor()
+        with _cpu_logprob_tiles(tiled), (mode if record else contextlib.nullcontext()):
+            out = model(input_ids=ids, attention_mask=attention, labels=labels,
+                        fused_lm_head=True)
+            out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        sums = (float(out.entropy.sum()), int(out.is_top1.sum()), int(out.label_mask.sum()))
+        return float(out.loss), sums, grads, mode.largest
+
+    loss, metrics, grads, _ = run(tiled=False)
+    tiled_loss, tiled_metrics, tiled_grads, largest = run(tiled=True, record=True)
+    assert tiled_loss == pytest.approx(loss, rel=1e-5)
+    assert tiled_metrics[0] == pytest.approx(metrics[0], rel=1e-4)
+    assert tiled_metrics[1:] == metrics[1:]
+    assert grads.keys() == tiled_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.allclose(tiled_grads[name], grad, rtol=1e-3, atol=1e-6), name
+    # Bounded by the tile (or the model's own activations), not by trl's 4096 x 32768 buffer.
+    activations = ids.numel() * model.config.intermediate_size
+    assert largest <= max(CPU_LOGPROB_TOKENS * CPU_LOGPROB_VOCAB, activations)
+    import trl.kernels.chunked_logprob as kernel
+
+    assert kernel.TOKEN_CHUNK_SIZE == 4096  # restored
 
 
 def test_early_stopping_exports_the_best_checkpoint(session_home: Path, tmp_path: Path):
