@@ -308,6 +308,58 @@ def test_cpu_logprob_tiles_keep_trls_loss_and_gradients_in_smaller_tiles(session
     assert kernel.TOKEN_CHUNK_SIZE == 4096  # restored
 
 
+def test_packed_sequences_do_not_attend_to_each_other(session_home: Path):
+    """train.packing uses trl's padding-free collator: several chats in one row, positions
+    restarting at each. The model must see them apart (transformers turns restarting position
+    ids into a block-diagonal mask for sdpa), or a packed chat would be conditioned on its
+    neighbour."""
+    from transformers import AutoTokenizer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from tasks.base_model import resolve_base_model
+
+    base = resolve_base_model("builtin:tiny-llama", session_home)
+    tok = AutoTokenizer.from_pretrained(base)
+    model, quantized, _ = _load_model(base, TrainConfig(), cuda=False)
+    assert quantized
+    first, second = (tok.apply_chat_template([m.model_dump() for m in _chat(i).messages],
+                                             tokenize=True, return_dict=True)["input_ids"]
+                     for i in (0, 1))
+    batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(
+        [{"input_ids": first}, {"input_ids": second}])
+    assert batch["input_ids"].shape == (1, len(first) + len(second))  # one packed row
+    # use_cache=False as trl's training forward sets it: with a KV cache transformers skips the
+    # packed-sequence check (it assumes generation), and the chats would see each other.
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).logits
+        alone = model(input_ids=torch.tensor([second]), use_cache=False).logits
+        # The control: the same row read as one sequence does let the second see the first.
+        joined = model(input_ids=batch["input_ids"], use_cache=False).logits
+    assert torch.allclose(packed[0, len(first):], alone[0], atol=1e-4)
+    assert not torch.allclose(joined[0, len(first):], alone[0], atol=1e-2)
+
+
+def test_packing_fills_rows_with_several_chats(session_home: Path, tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    from tasks.base_model import resolve_base_model
+
+    train = [_chat(i) for i in range(24)]
+    src = _stage_dir(tmp_path / "in", train, [_chat(100)])
+    steps, batch = 2, 2
+    m = run_train(src, tmp_path / "out", _fast_cfg(packing=True, max_steps=steps,
+                                                   batch_size=batch, eval_steps=2, save_steps=2),
+                  home=session_home).check()
+    assert m.info["packing"] is True and m.metrics["steps"] == steps
+    tok = AutoTokenizer.from_pretrained(resolve_base_model("builtin:tiny-llama", session_home))
+    longest = max(len(tok.apply_chat_template([x.model_dump() for x in r.messages],
+                                              tokenize=True)) for r in train)
+    # More tokens than `batch` unpacked rows per step could ever hold.
+    assert m.metrics["train_tokens"] > steps * batch * longest
+    assert (tmp_path / "out/merged/config.json").exists()  # the round trip check passed too
+
+
 def test_early_stopping_exports_the_best_checkpoint(session_home: Path, tmp_path: Path):
     from safetensors.torch import load_file
 
