@@ -154,10 +154,13 @@ class DedupConfig(_Section):
     # LSH looks for candidates down to this estimated Jaccard; each is then confirmed exactly
     # (lower = fewer pairs near `threshold` missed by MinHash noise, a little slower).
     candidate_threshold: float = Field(0.7, gt=0.0, le=1.0)
-    # local: in this process (datasketch LSH, above). datatrove: datatrove's MinHash pipeline on
-    # this machine (LocalPipelineExecutor); slurm / ray: the same pipeline on a cluster
+    # local: in this process (datasketch LSH, above): the fastest on one machine, but it holds
+    # ~6.7 KB per record in memory. datatrove: datatrove's MinHash pipeline on this machine
+    # (LocalPipelineExecutor), on disk, streaming; slurm / ray: the same pipeline on a cluster
     # (tasks/dedup_datatrove.py). The same records are removed, naming the same kept ones.
-    executor: Literal["local", "datatrove", "slurm", "ray"] = "local"
+    # auto: local up to local_max_records records, datatrove above.
+    executor: Literal["auto", "local", "datatrove", "slurm", "ray"] = "auto"
+    local_max_records: int = Field(500_000, ge=0)  # auto: ~3.3 GB of in-process index at most
     tasks: int = Field(4, ge=1)  # datatrove: input shards (signature and filter tasks)
     workers: int = Field(0, ge=0)  # datatrove tasks at once; 0: one per CPU (datatrove), all
     work_dir: str = ""  # datatrove scratch (shards, signatures, logs); "": <out_dir>/_datatrove
@@ -174,8 +177,9 @@ class DedupConfig(_Section):
     def digest(self) -> str:
         """As every section's, minus where and how wide it runs (tasks, workers, work_dir,
         slurm, ray): those leave the output unchanged; in-process vs datatrove still counts."""
-        data = self.model_dump(mode="json", exclude={"tasks", "workers", "work_dir", "slurm", "ray"})
-        data["executor"] = "local" if self.executor == "local" else "datatrove"
+        data = self.model_dump(mode="json", exclude={"tasks", "workers", "work_dir", "slurm", "ray",
+                                                     "local_max_records"})
+        data["executor"] = self.executor if self.executor in ("local", "auto") else "datatrove"
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -237,13 +237,45 @@ def decide(sigs: list[_Sig], eval_idx: set[int], cfg: DedupConfig, *,
     return decisions
 
 
+def _records_over(input_path: str | Path, limit: int) -> tuple[bool, int]:
+    """Whether the input holds more than ``limit`` records, and how many were seen to tell.
+
+    A stage directory's manifest says at once; other input is read until the limit is passed.
+    """
+    if not isinstance(input_path, list) and is_stage_dir(input_path):
+        n = Manifest.read(input_path).kept
+        return n > limit, n
+    n = 0
+    for _, item in stream_input(input_path):
+        if isinstance(item, ChatSample):
+            n += 1
+            if n > limit:
+                break
+    return n > limit, n
+
+
+def resolve_executor(input_path: str | Path, cfg: DedupConfig) -> tuple[DedupConfig, str]:
+    """``executor: auto`` made concrete for this input: (config, why)."""
+    if cfg.executor != "auto":
+        return cfg, "configured"
+    over, n = _records_over(input_path, cfg.local_max_records)
+    executor = "datatrove" if over else "local"
+    count = f"at least {n:,}" if over else f"{n:,}"
+    why = (f"auto: {count} records {'>' if over else '<='} local_max_records "
+           f"{cfg.local_max_records:,}")
+    logger.info("dedup: executor %s (%s)", executor, why)
+    return cfg.model_copy(update={"executor": executor}), why
+
+
 def run_dedup(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
               home: str | Path, seed: int = 42) -> Manifest:
     """Split off held-out eval (or reuse it), remove exact/near duplicates and eval leaks."""
+    cfg, why = resolve_executor(input_path, cfg)
     if cfg.executor != "local":
         from tasks.dedup_datatrove import run_dedup_datatrove
 
-        return run_dedup_datatrove(input_path, out_dir, cfg, home=home, seed=seed)
+        return run_dedup_datatrove(input_path, out_dir, cfg, home=home, seed=seed,
+                                   executor_choice=why)
     digests = input_digests(input_path)
     cdig = cfg.digest()
     if up_to_date(out_dir, digests, f"{cdig}:seed={seed}"):
@@ -259,7 +291,7 @@ def run_dedup(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
     return write_stage(input_path, out_dir, eval_idx, removed, digests=digests,
                        config_digest=f"{cdig}:seed={seed}",
                        info={"heldout": "reused" if reused else "carved", "seed": seed,
-                             "executor": cfg.executor})
+                             "executor": cfg.executor, "executor_choice": why})
 
 
 Removal = tuple[str, str, float]  # (kind, id of the record it duplicates, jaccard)

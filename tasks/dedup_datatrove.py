@@ -447,7 +447,8 @@ def decide_clusters(clusters: Iterable[list[Member]], eval_idx: set[int],
 
 
 def run_dedup_datatrove(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
-                        home: str | Path, seed: int = 42) -> Manifest:
+                        home: str | Path, seed: int = 42,
+                        executor_choice: str = "configured") -> Manifest:
     """run_dedup on datatrove's MinHash pipeline, run by the executor cfg.executor names."""
     digests = input_digests(input_path)
     config_digest = f"{cfg.digest()}:seed={seed}"
@@ -466,7 +467,7 @@ def run_dedup_datatrove(input_path: str | Path, out_dir: str | Path, cfg: DedupC
     manifest = write_stage(
         input_path, out_dir, eval_idx, removed, digests=digests, config_digest=config_digest,
         info={"heldout": "reused" if reused else "carved", "seed": seed,
-              "executor": cfg.executor, "tasks": cfg.tasks,
+              "executor": cfg.executor, "executor_choice": executor_choice, "tasks": cfg.tasks,
               "minhash": f"{mh.num_buckets} buckets x {mh.hashes_per_bucket} hashes", **facts},
         metrics={"dedup.clusters": float(n_clusters),
                  "dedup.cluster_members": float(n_members),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -20,7 +21,7 @@ from test_dedup import _chat, _edited, _ids, _removed, _words
 from data_contracts.config import ConfigError, DedupConfig, DedupRayConfig, load_config
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message
-from tasks.dedup import _signatures, candidate_floor, run_dedup
+from tasks.dedup import _records_over, _signatures, candidate_floor, resolve_executor, run_dedup
 from tasks.dedup_datatrove import ShingleSignature, minhash_config
 
 # Carves a held-out split, so train copies of held-out records become eval_contamination.
@@ -214,3 +215,35 @@ def test_rerun_is_skipped_and_tasks_workers_leave_the_digest(tmp_path: Path, hom
     rerun = run_dedup(src, out, stricter, home=home)
     assert rerun.config_digest != first.config_digest
     assert (out / "manifest.json").stat().st_mtime_ns != written
+
+
+def test_auto_executor_streams_on_disk_above_the_record_limit(tmp_path: Path, home: Path):
+    """executor: auto (the default) keeps small corpora in process and sends large ones to
+    datatrove's disk-based pipeline; either way the same records are removed."""
+    train = [_chat(f"r{i:02d}", _words(700 + i, 40)) for i in range(20)]
+    train.append(_chat("r00-copy", _words(700, 40)))
+    src = write_stage_dir(tmp_path / "in", train)
+    small = run_dedup(src, tmp_path / "small", DedupConfig(**BASE), home=home).check()
+    assert small.info["executor"] == "local"
+    assert small.info["executor_choice"] == "auto: 21 records <= local_max_records 500,000"
+    large = run_dedup(src, tmp_path / "large",
+                      DedupConfig(**BASE, local_max_records=20, tasks=2, workers=1),
+                      home=home).check()
+    assert large.info["executor"] == "datatrove"
+    assert large.info["executor_choice"] == "auto: at least 21 records > local_max_records 20"
+    assert _outcome(tmp_path / "large") == _outcome(tmp_path / "small")
+    assert large.deduplicated == small.deduplicated == 1
+    # The limit is where to run, not what to remove: it stays out of the digest.
+    assert DedupConfig(local_max_records=20).digest() == DedupConfig().digest()
+
+
+def test_auto_reads_raw_input_only_until_the_limit_is_passed(tmp_path: Path):
+    raw = tmp_path / "chats.jsonl"
+    raw.write_text("".join(json.dumps({"id": f"c{i}", "messages": [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": f"reply {i}"}]})
+        + "\n" for i in range(50)))
+    assert _records_over(raw, 10) == (True, 11)
+    assert _records_over(raw, 50) == (False, 50)
+    cfg, why = resolve_executor(raw, DedupConfig(local_max_records=10))
+    assert cfg.executor == "datatrove" and why.startswith("auto: at least 11 records")
+    assert resolve_executor(raw, DedupConfig(executor="local"))[0].executor == "local"
