@@ -165,7 +165,23 @@ def generate(seeds: list[ChatSample], cfg: AugmentConfig, home: str | Path) -> l
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_generate, seeds, cfg, str(home)).result()
+        return pool.submit(_generate_in_fresh_process, seeds, cfg, str(home)).result()
+
+
+def _generate_in_fresh_process(seeds: list[ChatSample], cfg: AugmentConfig,
+                               home: str) -> list[str | None]:
+    """_generate in the spawned interpreter, whose step processes fork again where possible.
+
+    A spawned child inherits "spawn" as its default start method, so distilabel would start
+    each step process as yet another interpreter importing torch, transformers and distilabel
+    afresh (~20 s of the demo's augment stage on 2 cores). This interpreter has run no torch
+    work before the pool forks, so fork is safe here.
+    """
+    import multiprocessing
+
+    if "fork" in multiprocessing.get_all_start_methods():
+        multiprocessing.set_start_method("fork", force=True)
+    return _generate(seeds, cfg, home)
 
 
 def _generate(seeds: list[ChatSample], cfg: AugmentConfig, home: str) -> list[str | None]:
