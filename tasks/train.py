@@ -346,8 +346,9 @@ def _cpu_logprob_tiles(enabled: bool) -> Iterator[None]:
     trl computes per-token log-probs without full logits, in tiles; on CUDA a Triton kernel folds
     each tile, elsewhere torch ops do, on the whole tile at once: 4096 tokens x 32768 columns
     per tile, ~6 temporaries of that size alive together in backward. With the tiny model it
-    was 60% of a step's peak live memory (a batch of 8 x 512 tokens: 995 MB, of which a 511 MB
-    buffer and five 62 MB temporaries); with a 128k vocabulary each temporary would be 512 MB.
+    was 96% of a step's peak live tensor memory (a batch of 8 x 512 tokens: 995 MB, of which a
+    511 MB buffer, mostly untouched pages, and seven 62 MB temporaries); with a 128k vocabulary
+    each temporary would be 512 MB.
     Smaller tiles bound them, and off Triton trl also scores every position, prompt and
     padding included, where only labelled (assistant) positions count: scoring only those is
     what it does on CUDA, gives the same loss, and skips the wasted LM-head work.
