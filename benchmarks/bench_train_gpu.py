@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -99,14 +98,6 @@ def make_records(n: int, seq: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def _peak_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker_hf(model_dir: Path, src: Path, out: Path, seq: int, steps: int) -> dict:
     """transformers.Trainer + peft QLoRA, as the peft/bitsandbytes docs show it."""
     import torch
@@ -116,6 +107,7 @@ def worker_hf(model_dir: Path, src: Path, out: Path, seq: int, steps: int) -> di
                               DataCollatorForLanguageModeling, Trainer, TrainingArguments)
 
     from tasks.io import read_records
+    from tasks.train import peak_mem_mb
 
     cuda = torch.cuda.is_available()
     compute = torch.bfloat16 if cuda else torch.float32
@@ -143,7 +135,7 @@ def worker_hf(model_dir: Path, src: Path, out: Path, seq: int, steps: int) -> di
     tokens = sum(min(len(r["input_ids"]), seq) for r in rows[:steps])
     return {"tokens": float(tokens), "runtime": float(result.metrics["train_runtime"]),
             "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h][-1],
-            "peak_mb": _peak_mb()}
+            "peak_mb": peak_mem_mb(cuda)}
 
 
 def worker_ours(model_dir: Path, src: Path, out: Path, seq: int, steps: int, home: Path) -> dict:
