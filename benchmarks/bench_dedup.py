@@ -37,7 +37,8 @@ from datasketch import MinHash, MinHashLSH  # noqa: E402
 
 from data_contracts.config import DedupConfig  # noqa: E402
 from tasks.dedup import normalize, run_dedup, shingles  # noqa: E402
-from tasks.io import StageWriter, iter_input  # noqa: E402
+from tasks.io import iter_input  # noqa: E402
+from tasks.stage_dir import StageWriter  # noqa: E402
 from common import bare_pass  # noqa: E402  (benchmarks/common.py)
 
 BANDS = [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 0.85), (0.85, 0.9),

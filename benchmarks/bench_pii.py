@@ -39,7 +39,8 @@ import phonenumbers  # noqa: E402
 from presidio_anonymizer.entities import OperatorConfig  # noqa: E402
 
 from data_contracts.config import PiiConfig  # noqa: E402
-from tasks.io import StageWriter, iter_input, read_records  # noqa: E402
+from tasks.io import iter_input, read_records  # noqa: E402
+from tasks.stage_dir import StageWriter  # noqa: E402
 from common import bare_pass  # noqa: E402  (benchmarks/common.py)
 from tasks.pii import PLACEHOLDERS, get_engine, run_pii  # noqa: E402
 

@@ -271,7 +271,8 @@ def bare_pass(input_path: str, out: Path) -> dict[str, int]:
 
     common.bare_pass, plus what a raw corpus needs: its broken lines go to quarantine.
     """
-    from tasks.io import Quarantined, StageWriter, iter_input
+    from tasks.io import Quarantined, iter_input
+    from tasks.stage_dir import StageWriter
 
     writer = StageWriter(out, "bare")
     n = 0

@@ -63,7 +63,7 @@ def make_records(n: int, seed: int = 0) -> list[dict]:
 
 def _write_stage_dir(rows: list[dict], path: Path) -> None:
     from data_contracts.records import ChatSample
-    from tasks.io import StageWriter
+    from tasks.stage_dir import StageWriter
 
     writer = StageWriter(path, "dedup")
     for row in rows:

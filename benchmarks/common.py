@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.io import StageWriter, iter_input
+from tasks.io import iter_input
+from tasks.stage_dir import StageWriter
 
 
 def bare_pass(src: Path, out: Path) -> int:

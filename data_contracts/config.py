@@ -30,6 +30,18 @@ def default_home() -> Path:
     return Path(os.environ.get("FTFLOW_HOME", ".ftflow")).absolute()
 
 
+class StageTimeouts(_Section):
+    """Seconds each stage may run in the flow before Prefect stops it (then its retries run)."""
+
+    ingest: float = Field(6 * 3600, gt=0)
+    pii: float = Field(6 * 3600, gt=0)
+    dedup: float = Field(6 * 3600, gt=0)
+    augment: float = Field(12 * 3600, gt=0)
+    train: float = Field(72 * 3600, gt=0)
+    evaluate: float = Field(6 * 3600, gt=0)
+    export: float = Field(2 * 3600, gt=0)
+
+
 class RunConfig(_Section):
     name: str = "ftflow-demo"
     home: str = Field(default_factory=lambda: str(default_home()))
@@ -37,6 +49,7 @@ class RunConfig(_Section):
     tracking_uri: str = ""  # default: sqlite:///<home>/mlflow.db
     experiment: str = "ftflow"
     seed: int = 42
+    timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
 
     def resolved_runs_dir(self) -> Path:
         return Path(self.runs_dir or Path(self.home) / "runs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,11 @@ class Manifest(BaseModel):
         return out
 
     def write(self, stage_dir: str | Path) -> Path:
+        """Write the checked manifest atomically (a reader sees the old one or the new one)."""
         path = Path(stage_dir) / MANIFEST_NAME
-        path.write_text(self.check().model_dump_json(indent=2) + "\n")
+        tmp = path.with_name(MANIFEST_NAME + ".partial")
+        tmp.write_text(self.check().model_dump_json(indent=2) + "\n")
+        os.replace(tmp, path)
         return path
 
     @classmethod

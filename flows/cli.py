@@ -11,10 +11,9 @@ from typing import Any
 
 from data_contracts.config import ConfigError, default_home, load_config
 from data_contracts.records import RecordError
+from data_contracts.stage_outputs import StageOutputError
 from flows.env import quiet_offline_env
-
-STAGE_NAMES = ("ingest", "pii", "dedup", "augment", "train", "evaluate", "export")
-
+from tasks.stages import COMMANDS
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     """The optional config path and the key=value overrides, in any order."""
@@ -44,43 +43,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# `ftflow stage` options that name the earlier stage directories a stage reads beyond --input.
+STAGE_DIR_OPTIONS = {"train": "train_dir", "evaluate": "eval_dir"}
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
+    from tasks.stages import StageContext, run_stage, spec
+
     cfg = load_config(args.config, args.overrides)
-    home = Path(cfg.run.home)
+    s = spec(args.name)
     out = Path(args.output)
-    name = args.name
-    if name == "ingest":
-        from tasks.ingest import run_ingest
-        m = run_ingest(args.input, out, cfg.ingest, home=home, base_model=cfg.train.base_model,
-                       trust_remote_code=cfg.train.trust_remote_code)
-    elif name == "pii":
-        from tasks.pii import run_pii
-        m = run_pii(args.input, out, cfg.pii, home=home)
-    elif name == "dedup":
-        from tasks.dedup import run_dedup
-        m = run_dedup(args.input, out, cfg.dedup, home=home,
-                      seed=cfg.run.seed)
-    elif name == "augment":
-        from tasks.augment import run_augment
-        m = run_augment(args.input, out, cfg.augment, home=home)
-    elif name == "train":
-        from tasks.train import run_train
-        m = run_train(args.input, out, cfg.train, home=home,
-                      seed=cfg.run.seed)
-    elif name == "evaluate":
-        from tasks.evaluate import run_evaluate
-        if not args.train_dir:
-            raise ConfigError("evaluate needs --train-dir (a train stage directory)")
-        m = run_evaluate(args.input, args.train_dir, out, cfg.evaluate, home=home)
-    else:
-        from tasks.export import run_export
-        if not args.eval_dir:
-            raise ConfigError("export needs --eval-dir (an evaluate stage directory)")
-        m = run_export(args.input, args.eval_dir, out, cfg.export,
-                       tracking_uri=cfg.run.resolved_tracking_uri())
+    inputs: list[Any] = [args.input]
+    for read in s.reads[1:]:
+        option = STAGE_DIR_OPTIONS[spec(read).command]
+        if not getattr(args, option):
+            raise ConfigError(f"{s.command} needs --{option.replace('_', '-')} (a "
+                              f"{spec(read).command} stage directory)")
+        inputs.append(getattr(args, option))
+    m = run_stage(s, StageContext(cfg, out, tuple(inputs)))
     if m.info.get("main_process") is False:
         return 0  # another process of an `accelerate launch` wrote the stage and reports it
-    print(f"{name}: in={m.records_in} generated={m.generated} kept={m.kept} "
+    print(f"{s.command}: in={m.records_in} generated={m.generated} kept={m.kept} "
           f"filtered={m.filtered_total} {m.filtered or ''} deduplicated={m.deduplicated} "
           f"quarantined={m.quarantined} -> {out}")
     return 0
@@ -148,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     st = sub.add_parser("stage", help="run one stage alone on a file or a stage directory")
-    st.add_argument("name", choices=STAGE_NAMES)
+    st.add_argument("name", choices=COMMANDS)
     st.add_argument("--input", required=True, help="raw input file/glob or a stage directory")
     st.add_argument("--output", required=True, help="stage directory to write")
     st.add_argument("--config", help="pipeline config YAML (default: embedded defaults)")
@@ -192,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ConfigError, RecordError, FileNotFoundError) as err:
+    except (ConfigError, RecordError, StageOutputError, FileNotFoundError) as err:
         print(f"ftflow: error: {err}", file=sys.stderr)
         return 2
 

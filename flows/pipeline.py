@@ -11,38 +11,18 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from data_contracts.config import PipelineConfig, load_config
 from data_contracts.manifest import Manifest
-from tasks.augment import augment_task
-from tasks.dedup import dedup_task
-from tasks.evaluate import evaluate_task
-from tasks.export import export_task
-from tasks.ingest import ingest_task
-from tasks.pii import pii_task
+from tasks.stages import STAGES, StageContext, StageSpec, spec, stage_task
 from tasks.tracking import Tracker, flatten
-from tasks.train import train_task
 
 log = logging.getLogger(__name__)
-
-# Stage directory name -> config section it is configured by.
-STAGES = [
-    ("01-ingest", "ingest"),
-    ("02-pii", "pii"),
-    ("03-dedup", "dedup"),
-    ("04-augment", "augment"),
-    ("05-pii-synthetic", "pii"),
-    ("06-dedup-synthetic", "dedup"),
-    ("07-train", "train"),
-    ("08-evaluate", "evaluate"),
-    ("09-export", "export"),
-]
 
 
 @dataclass
@@ -57,11 +37,11 @@ class PipelineResult:
 
     @property
     def export(self) -> Manifest:
-        return self.manifests["09-export"]
+        return self.manifests[spec("export").name]
 
     @property
     def evaluation(self) -> Manifest:
-        return self.manifests["08-evaluate"]
+        return self.manifests[spec("evaluate").name]
 
 
 def new_run_id() -> str:
@@ -78,20 +58,19 @@ def ledger_table(manifests: dict[str, Manifest]) -> str:
     return "\n".join(rows)
 
 
-def _run_stage(tracker: Tracker, parent: str, name: str, section: Any,
-               call: Callable[[Path], Manifest], run_dir: Path) -> Manifest:
-    """Run one stage inside its own nested MLflow run; mark the run failed if it raises."""
+def _run_stage(tracker: Tracker, parent: str, s: StageSpec, ctx: StageContext) -> Manifest:
+    """Run one stage as a Prefect task inside its own nested MLflow run."""
     logger = get_run_logger()
-    out = run_dir / name
-    stage_run = tracker.start_stage(parent, name, flatten(section.model_dump(mode="json")))
+    cfg = ctx.cfg
+    stage_run = tracker.start_stage(parent, s.name, flatten(s.config(cfg).model_dump(mode="json")))
     try:
-        manifest = call(out)
-        tracker.log_stage_result(stage_run, manifest, out)
+        manifest = stage_task(s, cfg)(s, ctx)
+        tracker.log_stage_result(stage_run, manifest, ctx.out)
     except BaseException:
         tracker.end(stage_run, "FAILED")
         raise
     tracker.end(stage_run)
-    logger.info("%s: in=%d kept=%d filtered=%d dedup=%d quarantined=%d (%.1fs)", name,
+    logger.info("%s: in=%d kept=%d filtered=%d dedup=%d quarantined=%d (%.1fs)", s.name,
                 manifest.records_in, manifest.kept, manifest.filtered_total,
                 manifest.deduplicated, manifest.quarantined, manifest.duration_s)
     return manifest
@@ -113,40 +92,15 @@ def run_pipeline(cfg: PipelineConfig, run_id: str | None = None) -> PipelineResu
     parent = tracker.start_parent(f"{cfg.run.name}-{run_id}", params, tags)
     result = PipelineResult(run_id, str(run_dir), parent, uri)
     m = result.manifests
-    seed = cfg.run.seed
-
-    def opts(t: Any) -> Any:
-        return t.with_options(cache_policy=NO_CACHE)
-
-    tasks = {name: opts(t) for name, t in {
-        "ingest": ingest_task, "pii": pii_task, "dedup": dedup_task, "augment": augment_task,
-        "train": train_task, "evaluate": evaluate_task, "export": export_task}.items()}
-    d = {name: run_dir / name for name, _ in STAGES}
-    calls: dict[str, Callable[[Path], Manifest]] = {
-        "01-ingest": lambda o: tasks["ingest"](
-            cfg.ingest.inputs, o, cfg.ingest, home=home, base_model=cfg.train.base_model,
-            trust_remote_code=cfg.train.trust_remote_code),
-        "02-pii": lambda o: tasks["pii"](d["01-ingest"], o, cfg.pii, home=home),
-        "03-dedup": lambda o: tasks["dedup"](d["02-pii"], o, cfg.dedup, home=home, seed=seed),
-        "04-augment": lambda o: tasks["augment"](d["03-dedup"], o, cfg.augment, home=home),
-        "05-pii-synthetic": lambda o: tasks["pii"](d["04-augment"], o, cfg.pii, home=home),
-        "06-dedup-synthetic": lambda o: tasks["dedup"](d["05-pii-synthetic"], o, cfg.dedup,
-                                                       home=home, seed=seed),
-        "07-train": lambda o: tasks["train"](d["06-dedup-synthetic"], o, cfg.train, home=home,
-                                             seed=seed),
-        "08-evaluate": lambda o: tasks["evaluate"](d["06-dedup-synthetic"], d["07-train"], o,
-                                                   cfg.evaluate, home=home),
-        "09-export": lambda o: tasks["export"](d["07-train"], d["08-evaluate"], o, cfg.export,
-                                               tracking_uri=uri, parent_run_id=parent),
-    }
     try:
-        for name, section in STAGES:
-            m[name] = _run_stage(tracker, parent, name, getattr(cfg, section), calls[name],
-                                 run_dir)
+        for s in STAGES:
+            inputs = tuple(run_dir / r for r in s.reads) or (cfg.ingest.inputs,)
+            ctx = StageContext(cfg, run_dir / s.name, inputs, uri, parent)
+            m[s.name] = _run_stage(tracker, parent, s, ctx)
     except BaseException:
         tracker.end(parent, "FAILED")
         raise
-    ev, ex = m["08-evaluate"], m["09-export"]
+    ev, ex = result.evaluation, result.export
     tracker.log_metrics(parent, {k: v for k, v in ev.metrics.items()
                                  if k.startswith(("base.", "tuned."))})
     tracker.set_tags(parent, {"ftflow.gate_passed": ev.info.get("gate_passed"),

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from data_contracts.config import PipelineConfig
+from tasks.stages import spec
 
 
 def comparison_rows(metrics: dict[str, float]) -> list[tuple[str, float, float]]:
@@ -35,19 +36,19 @@ def print_summary(out: dict[str, Any], cfg: PipelineConfig, console: Console | N
                       str(m["quarantined"]), f"{m['duration_s']:.1f}")
     console.print(table)
 
-    ev = ledger.get("08-evaluate", {})
+    ev = ledger.get(spec("evaluate").name, {})
     cmp = Table(title="held-out benchmark: base vs fine-tuned")
     for col in ("task.metric", "base", "tuned"):
         cmp.add_column(col, justify="left" if col == "task.metric" else "right")
     for name, base, tuned in comparison_rows(ev.get("metrics", {})):
         cmp.add_row(name, f"{base:.4f}", f"{tuned:.4f}")
-    tr = ledger.get("07-train", {}).get("metrics", {})
+    tr = ledger.get(spec("train").name, {}).get("metrics", {})
     if "eval_loss" in tr:
         cmp.add_row("validation loss (train stage, tuned)", "", f"{tr['eval_loss']:.4f}")
     console.print(cmp)
     console.print(f"gate: {ev.get('info', {}).get('gate', '-')}")
 
-    ex = ledger.get("09-export", {}).get("info", {})
+    ex = ledger.get(spec("export").name, {}).get("info", {})
     uri = out["tracking_uri"]
     console.print(f"MLflow run: {out['mlflow_run_id']}  (tracking URI {uri})")
     if ex.get("registered"):

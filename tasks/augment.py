@@ -26,9 +26,8 @@ from data_contracts.config import AugmentConfig, TeacherConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message, content_id
 from tasks.base_model import resolve_base_model
-from tasks.io import Quarantined, StageWriter, input_digests, is_stage_dir, iter_input
-from tasks.io import read_records, up_to_date
-from tasks.wrap import prefect_task
+from tasks.io import Quarantined, iter_input
+from tasks.stage_dir import StageDir
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +227,11 @@ def synthetic_record(seed: ChatSample, reply: str, teacher: str) -> ChatSample:
 def run_augment(input_path: str | Path, out_dir: str | Path, cfg: AugmentConfig, *,
                 home: str | Path) -> Manifest:
     """Keep every record and add teacher-written replies that pass validation."""
-    digests = input_digests(input_path)
-    cdig = cfg.digest()
-    if up_to_date(out_dir, digests, cdig):
-        return Manifest.read(out_dir)
+    stage = StageDir(out_dir, "augment", cfg.digest(), input_path, heldout="carry")
+    if (done := stage.finished()) is not None:
+        return done
     t0 = time.monotonic()
-    writer = StageWriter(out_dir, "augment")
+    writer = stage.writer()
     originals: list[ChatSample] = []
     records_in = 0
     for item in iter_input(input_path):
@@ -243,10 +241,6 @@ def run_augment(input_path: str | Path, out_dir: str | Path, cfg: AugmentConfig,
             continue
         originals.append(item)
         writer.keep(item, split="train")
-    if is_stage_dir(input_path):
-        for rec in read_records(input_path, "heldout"):
-            records_in += 1
-            writer.keep(rec, split="eval")
 
     seeds = choose_seeds(originals, cfg.max_seed_records, cfg.seed) if cfg.enabled else []
     replies = generate(seeds, cfg, home) if seeds else []
@@ -267,10 +261,4 @@ def run_augment(input_path: str | Path, out_dir: str | Path, cfg: AugmentConfig,
                "augment.seconds": round(time.monotonic() - t0, 3)}
     info = {"enabled": cfg.enabled, "teacher_kind": cfg.teacher.kind,
             "teacher": cfg.teacher.model, "seeds": [s.id for s in seeds]}
-    return writer.finish(records_in, generated=len(replies), input_digests=digests,
-                         config_digest=cdig, metrics=metrics, info=info)
-
-
-# The Prefect task (tasks/wrap.py): `from tasks.augment import augment_task`, built on first use.
-__getattr__ = prefect_task("augment_task", run_augment, globals(),
-                           name="augment", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])
+    return writer.finish(records_in, generated=len(replies), metrics=metrics, info=info)

@@ -19,16 +19,8 @@ from datasketch import LeanMinHash, MinHash, MinHashLSH
 from data_contracts.config import DedupConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
-from tasks.io import (
-    Quarantined,
-    StageWriter,
-    input_digests,
-    is_stage_dir,
-    iter_input,
-    read_records,
-    up_to_date,
-)
-from tasks.wrap import prefect_task
+from tasks.io import Quarantined, is_stage_dir, iter_input, read_records
+from tasks.stage_dir import StageDir
 
 logger = logging.getLogger(__name__)
 
@@ -276,10 +268,9 @@ def run_dedup(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
 
         return run_dedup_datatrove(input_path, out_dir, cfg, home=home, seed=seed,
                                    executor_choice=why)
-    digests = input_digests(input_path)
-    cdig = cfg.digest()
-    if up_to_date(out_dir, digests, f"{cdig}:seed={seed}"):
-        return Manifest.read(out_dir)
+    stage = StageDir(out_dir, "dedup", f"{cfg.digest()}:seed={seed}", input_path)
+    if (done := stage.finished()) is not None:
+        return done
     # Pass 1: signatures only, so memory holds MinHashes, not records.
     records = ((o, r) for o, r in stream_input(input_path) if isinstance(r, ChatSample))
     sigs = list(_signatures(records, cfg))
@@ -288,8 +279,7 @@ def run_dedup(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
                 else carve_eval(sigs, cfg, seed))
     decisions = decide(sigs, eval_idx, cfg)
     removed = {i: (d[0], sigs[d[1]].id, d[2]) for i, d in decisions.items() if d is not None}
-    return write_stage(input_path, out_dir, eval_idx, removed, digests=digests,
-                       config_digest=f"{cdig}:seed={seed}",
+    return write_stage(input_path, stage, eval_idx, removed,
                        info={"heldout": "reused" if reused else "carved", "seed": seed,
                              "executor": cfg.executor, "executor_choice": why})
 
@@ -297,12 +287,12 @@ def run_dedup(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
 Removal = tuple[str, str, float]  # (kind, id of the record it duplicates, jaccard)
 
 
-def write_stage(input_path: str | Path, out_dir: str | Path, eval_idx: set[int],
-                removed: Mapping[int, Removal], *, digests: dict[str, str], config_digest: str,
-                info: dict, metrics: dict[str, float] | None = None) -> Manifest:
+def write_stage(input_path: str | Path, stage: StageDir, eval_idx: set[int],
+                removed: Mapping[int, Removal], *, info: dict,
+                metrics: dict[str, float] | None = None) -> Manifest:
     """Pass 2 of every dedup path: stream the input again and write each record where its
     decision (by stream position) sends it: held-out, train, or deduplicated naming dup_of."""
-    writer = StageWriter(out_dir, "dedup")
+    writer = stage.writer()
     kinds: Counter[str] = Counter()
     idx = 0
     for _, item in stream_input(input_path):
@@ -319,11 +309,6 @@ def write_stage(input_path: str | Path, out_dir: str | Path, eval_idx: set[int],
     stage_metrics = {f"dedup.{k}": float(kinds[k]) for k in ("exact", "near", "eval_contamination")}
     logger.info("dedup: %d records, eval %s (%d), removed %s", idx, info.get("heldout"),
                 len(eval_idx), dict(kinds))
-    return writer.finish(idx + writer.manifest.quarantined, input_digests=digests,
-                         config_digest=config_digest, metrics={**stage_metrics, **(metrics or {})},
+    return writer.finish(idx + writer.manifest.quarantined,
+                         metrics={**stage_metrics, **(metrics or {})},
                          info=info)
-
-
-# The Prefect task (tasks/wrap.py): `from tasks.dedup import dedup_task`, built on first use.
-__getattr__ = prefect_task("dedup_task", run_dedup, globals(),
-                           name="dedup", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])

@@ -80,7 +80,7 @@ from tasks.dedup import (
     text_sig,
     write_stage,
 )
-from tasks.io import input_digests, up_to_date
+from tasks.stage_dir import StageDir
 
 logger = logging.getLogger(__name__)
 
@@ -450,11 +450,10 @@ def run_dedup_datatrove(input_path: str | Path, out_dir: str | Path, cfg: DedupC
                         home: str | Path, seed: int = 42,
                         executor_choice: str = "configured") -> Manifest:
     """run_dedup on datatrove's MinHash pipeline, run by the executor cfg.executor names."""
-    digests = input_digests(input_path)
-    config_digest = f"{cfg.digest()}:seed={seed}"
-    if up_to_date(out_dir, digests, config_digest):
-        return Manifest.read(out_dir)
-    key = hashlib.sha256(json.dumps([digests, config_digest, cfg.tasks], sort_keys=True)
+    stage = StageDir(out_dir, "dedup", f"{cfg.digest()}:seed={seed}", input_path)
+    if (done := stage.finished()) is not None:
+        return done
+    key = hashlib.sha256(json.dumps([stage.digests, stage.config_digest, cfg.tasks], sort_keys=True)
                          .encode()).hexdigest()[:12]
     work = work_dir(cfg, out_dir, key)
     eval_idx, reused = _export(input_path, work, cfg, seed)
@@ -465,7 +464,7 @@ def run_dedup_datatrove(input_path: str | Path, out_dir: str | Path, cfg: DedupC
     removed, n_clusters, n_members = decide_clusters(iter_clusters(parts), eval_idx, cfg)
     mh = minhash_config(cfg)
     manifest = write_stage(
-        input_path, out_dir, eval_idx, removed, digests=digests, config_digest=config_digest,
+        input_path, stage, eval_idx, removed,
         info={"heldout": "reused" if reused else "carved", "seed": seed,
               "executor": cfg.executor, "executor_choice": executor_choice, "tasks": cfg.tasks,
               "minhash": f"{mh.num_buckets} buckets x {mh.hashes_per_bucket} hashes", **facts},

@@ -22,8 +22,9 @@ import yaml
 from data_contracts.config import EvaluateConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
-from tasks.io import StageWriter, file_digest, input_digests, read_records, up_to_date
-from tasks.wrap import prefect_task
+from data_contracts.stage_outputs import EvaluateOutput, TrainOutput, read_output
+from tasks.io import read_records
+from tasks.stage_dir import StageDir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -182,14 +183,12 @@ def run_evaluate(data_dir: str | Path, train_dir: str | Path, out_dir: str | Pat
     """Benchmark the base and the tuned model on held-out data; decide the promotion gate."""
     from transformers import AutoTokenizer
 
-    train_manifest = Path(train_dir) / "manifest.json"
-    digests = {**input_digests(data_dir), "train/manifest.json": file_digest(str(train_manifest))}
-    cdig = cfg.digest()
-    if up_to_date(out_dir, digests, cdig):
-        return Manifest.read(out_dir)
+    stage = StageDir(out_dir, "evaluate", cfg.digest(), data_dir, train_dir)
+    if (done := stage.finished()) is not None:
+        return done
     out = Path(out_dir)
-    writer = StageWriter(out, "evaluate")
-    train = Manifest.read(train_dir).info
+    _, train = read_output(train_dir, TrainOutput)
+    writer = stage.writer()
     records = []
     for rec in read_records(data_dir, "heldout"):
         if len(records) >= cfg.max_samples:
@@ -198,11 +197,11 @@ def run_evaluate(data_dir: str | Path, train_dir: str | Path, out_dir: str | Pat
     if not records:
         raise ValueError(f"{data_dir}: no held-out records to evaluate on "
                          "(is dedup.eval_fraction > 0?)")
-    tokenizer = AutoTokenizer.from_pretrained(train["merged_dir"])
+    tokenizer = AutoTokenizer.from_pretrained(train.merged_dir)
     tasks_dir = out / "tasks"
     shutil.rmtree(tasks_dir, ignore_errors=True)
     names = write_tasks(records, tokenizer, tasks_dir, cfg)
-    models = {"base": str(train["base_model"]), "tuned": str(train["merged_dir"])}
+    models = {"base": train.base_model, "tuned": train.merged_dir}
     results = {}
     for label, model in models.items():
         log.info("evaluate %s model %s on %s", label, model, names)
@@ -211,10 +210,11 @@ def run_evaluate(data_dir: str | Path, train_dir: str | Path, out_dir: str | Pat
     passed, rel, text = gate(results["base"], results["tuned"], cfg.gate_metric,
                              cfg.gate_min_improvement)
     log.info(text)
-    (out / "results.json").write_text(json.dumps({"models": models, **results}, indent=2) + "\n")
+    results_file, comparison_file = out / "results.json", out / "comparison.md"
+    write_atomic(results_file, json.dumps({"models": models, **results}, indent=2) + "\n")
     table = comparison_table(results["base"], results["tuned"])
-    (out / "comparison.md").write_text(
-        f"# Base vs tuned on {len(records)} held-out records\n\n{table}\n\n{text}\n")
+    write_atomic(comparison_file,
+                 f"# Base vs tuned on {len(records)} held-out records\n\n{table}\n\n{text}\n")
     for rec in records:
         writer.keep(rec, split="eval")
     metrics = {f"{label}.{t}.{k}": v for label, res in results.items()
@@ -222,13 +222,8 @@ def run_evaluate(data_dir: str | Path, train_dir: str | Path, out_dir: str | Pat
     metrics["gate.passed"] = float(passed)
     if math.isfinite(rel):  # JSON has no NaN/inf: the manifest would not read back
         metrics["gate.relative_improvement"] = rel
-    info = {"gate_passed": passed, "gate": text, "gate_metric": cfg.gate_metric,
-            "tasks": names, "models": models, "results": str(out / "results.json"),
-            "comparison": str(out / "comparison.md")}
-    return writer.finish(len(records), input_digests=digests, config_digest=cdig,
-                         metrics=metrics, info=info)
-
-
-# The Prefect task (tasks/wrap.py): `from tasks.evaluate import evaluate_task`, built on first use.
-__getattr__ = prefect_task("evaluate_task", run_evaluate, globals(),
-                           name="evaluate", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])
+    output = EvaluateOutput(gate_passed=passed, gate=text, gate_metric=cfg.gate_metric,
+                            results=str(results_file), comparison=str(comparison_file))
+    return writer.finish(len(records), metrics=metrics, output=output,
+                         info={"tasks": names, "models": models},
+                         outputs=[results_file, comparison_file])

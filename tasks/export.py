@@ -29,9 +29,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from data_contracts.config import ExportConfig
 from data_contracts.manifest import Manifest
-from tasks.io import StageWriter, file_digest, up_to_date
+from data_contracts.stage_outputs import EvaluateOutput, ExportOutput, TrainOutput, read_output
+from tasks.stage_dir import StageDir, write_atomic
 from tasks.tracking import ensure_experiment
-from tasks.wrap import prefect_task
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,11 @@ def _metrics_line(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())) or "no metrics recorded"
 
 
-def model_card(train: Manifest, evaluation: Manifest, comparison: str, ledger: str,
-               cfg: ExportConfig) -> str:
+def model_card(train_manifest: Manifest, train: TrainOutput, evaluation: EvaluateOutput,
+               comparison: str, ledger: str, cfg: ExportConfig) -> str:
     """The model card: provenance, training setup, data ledger, base-vs-tuned results, limits."""
-    info = train.info
-    gate = evaluation.info.get("gate", "no gate result")
-    demo = "tiny-llama" in str(info.get("base_model", ""))
+    gate = evaluation.gate
+    demo = "tiny-llama" in train.base_model
     limits = ("The base is the built-in randomly initialised tiny demo model: the outputs are not "
               "meaningful and this model must not be used for anything but pipeline tests."
               if demo else
@@ -144,14 +143,15 @@ A fine-tune produced by the ftflow pipeline. Registry: `models:/{cfg.model_name}
 (only when the promotion gate passed or `register_if_gate_fails` is set).
 
 ## Model
-- Base model: `{info.get("base_model", "-")}`
-- Method: {info.get("method", "-")} (quantized during training: {info.get("quantized", "-")})
-- LoRA: {_lora_summary(Path(info.get("adapter_dir", "")))}
+- Base model: `{train.base_model}`
+- Method: {train.method} (quantized during training: {train.quantized})
+- LoRA: {_lora_summary(Path(train.adapter_dir))}
 - Artifacts: `artifacts/adapter` (peft LoRA adapter), `artifacts/merged` (merged model),
   both safetensors with the tokenizer and its chat template.
 
 ## Training
-- Records: {train.records_in} in, {train.kept} used; {_metrics_line(train.metrics)}
+- Records: {train_manifest.records_in} in, {train_manifest.kept} used; \
+{_metrics_line(train_manifest.metrics)}
 
 ## Data ledger
 {ledger}
@@ -182,21 +182,19 @@ def _comparison(eval_dir: Path) -> str:
     return "\n".join(line for line in path.read_text().splitlines() if line.startswith("|"))
 
 
-def save_pyfunc(path: Path, train: Manifest, card: str, cfg: ExportConfig) -> Path:
+def save_pyfunc(path: Path, train: TrainOutput, card: str, cfg: ExportConfig) -> Path:
     """Write the pyfunc model folder: adapter + merged artifacts, model card, pinned deps."""
     import torch
     import transformers
 
-    info = train.info
-    artifacts = {"adapter": str(info["adapter_dir"]), "merged": str(info["merged_dir"])}
+    artifacts = {"adapter": train.adapter_dir, "merged": train.merged_dir}
     requirements = [f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
                     f"transformers=={transformers.__version__}", "safetensors", "cloudpickle"]
     with _pickled_by_value():
         mlflow.pyfunc.save_model(
             str(path), python_model=ChatModel(), artifacts=artifacts,
             pip_requirements=requirements, model_config={"max_new_tokens": cfg.max_new_tokens},
-            metadata={"ftflow.base_model": str(info.get("base_model")),
-                      "ftflow.method": str(info.get("method"))},
+            metadata={"ftflow.base_model": train.base_model, "ftflow.method": train.method},
         )
     (path / "README.md").write_text(card)
     return path
@@ -211,16 +209,16 @@ def _wait_ready(client: MlflowClient, name: str, version: str, timeout_s: float 
         time.sleep(1)
 
 
-def register(client: MlflowClient, run_id: str, cfg: ExportConfig, evaluation: Manifest,
-             description: str) -> str:
+def register(client: MlflowClient, run_id: str, cfg: ExportConfig, eval_manifest: Manifest,
+             evaluation: EvaluateOutput, description: str) -> str:
     """Register runs:/<run>/model as a new version of cfg.model_name, alias and tag it."""
     try:
         client.get_registered_model(cfg.model_name)
     except MlflowException:
         client.create_registered_model(cfg.model_name, description=description)
-    tags = {"ftflow.gate_passed": str(evaluation.info.get("gate_passed")),
-            "ftflow.gate": str(evaluation.info.get("gate", ""))[:5000]}
-    tags.update({f"ftflow.metric.{k}": f"{v:.6g}" for k, v in evaluation.metrics.items()
+    tags = {"ftflow.gate_passed": str(evaluation.gate_passed),
+            "ftflow.gate": evaluation.gate[:5000]}
+    tags.update({f"ftflow.metric.{k}": f"{v:.6g}" for k, v in eval_manifest.metrics.items()
                  if k.startswith(("base.", "tuned.", "gate."))})
     mv = client.create_model_version(cfg.model_name, f"runs:/{run_id}/{MODEL_ARTIFACT}",
                                      run_id=run_id, tags=tags, description=description)
@@ -239,15 +237,14 @@ def run_export(train_dir: str | Path, eval_dir: str | Path, out_dir: str | Path,
                parent_run_id: str | None = None) -> Manifest:
     """Log the tuned model with its card to MLflow and register it if the gate allows."""
     train_dir, eval_dir, out = Path(train_dir), Path(eval_dir), Path(out_dir)
-    digests = {"train/manifest.json": file_digest(str(train_dir / "manifest.json")),
-               "evaluate/manifest.json": file_digest(str(eval_dir / "manifest.json"))}
-    cdig = _digest(cfg, tracking_uri)
-    if up_to_date(out, digests, cdig):
-        return Manifest.read(out)
-    writer = StageWriter(out, "export")
-    train, evaluation = Manifest.read(train_dir), Manifest.read(eval_dir)
-    card = model_card(train, evaluation, _comparison(eval_dir), _ledger_table(train_dir.parent),
-                      cfg)
+    stage = StageDir(out, "export", _digest(cfg, tracking_uri), train_dir, eval_dir)
+    if (done := stage.finished()) is not None:
+        return done
+    train_manifest, train = read_output(train_dir, TrainOutput)
+    eval_manifest, evaluation = read_output(eval_dir, EvaluateOutput)
+    writer = stage.writer()
+    card = model_card(train_manifest, train, evaluation, _comparison(eval_dir),
+                      _ledger_table(train_dir.parent), cfg)
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     # Not an "ftflow.stage" tag: the flow's own stage run already carries 09-export.
     tags = {MLFLOW_RUN_NAME: "export-model", "ftflow.model_run": cfg.model_name}
@@ -261,22 +258,23 @@ def run_export(train_dir: str | Path, eval_dir: str | Path, out_dir: str | Path,
         with tempfile.TemporaryDirectory(prefix="ftflow-export-") as tmp:
             model_dir = save_pyfunc(Path(tmp) / MODEL_ARTIFACT, train, card, cfg)
             client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
-        (out / CARD_NAME).write_text(card)
+        write_atomic(out / CARD_NAME, card)
         client.log_artifact(run_id, str(out / CARD_NAME))
         for key in ("base_model", "method", "quantized"):
-            client.log_param(run_id, key, str(train.info.get(key)))
-        for key, value in evaluation.metrics.items():
+            client.log_param(run_id, key, str(getattr(train, key)))
+        for key, value in eval_manifest.metrics.items():
             client.log_metric(run_id, key, float(value))
-        gate_passed = bool(evaluation.info.get("gate_passed"))
+        gate_passed = evaluation.gate_passed
         version, registered = None, False
         if gate_passed or cfg.register_if_gate_fails:
-            version = register(client, run_id, cfg, evaluation, card.split("\n## ")[0])
+            version = register(client, run_id, cfg, eval_manifest, evaluation,
+                               card.split("\n## ")[0])
             registered = True
             reason = ("gate passed" if gate_passed else
                       "gate failed, registered because register_if_gate_fails is set")
         else:
             reason = ("not registered: the evaluate gate failed and register_if_gate_fails "
-                      f"is off ({evaluation.info.get('gate', 'no gate result')})")
+                      f"is off ({evaluation.gate})")
         client.set_terminated(run_id, "FINISHED")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -285,15 +283,10 @@ def run_export(train_dir: str | Path, eval_dir: str | Path, out_dir: str | Path,
                  else f"runs:/{run_id}/{MODEL_ARTIFACT}")
     registry = (f"\n## Registry\n- `{cfg.model_name}` version {version}, alias `{cfg.alias}`\n"
                 if registered else f"\n## Registry\n- {reason}\n")
-    (out / CARD_NAME).write_text(card + registry)
+    write_atomic(out / CARD_NAME, card + registry)
     log.info("export: %s (%s)", model_uri, reason)
-    info = {"model_name": cfg.model_name, "version": version, "alias": cfg.alias,
-            "model_uri": model_uri, "registered": registered, "reason": reason,
-            "run_id": run_id, "model_card": str(out / CARD_NAME)}
-    return writer.finish(0, input_digests=digests, config_digest=cdig,
-                         metrics={"export.registered": float(registered)}, info=info)
-
-
-# The Prefect task (tasks/wrap.py): `from tasks.export import export_task`, built on first use.
-__getattr__ = prefect_task("export_task", run_export, globals(),
-                           name="export", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])
+    output = ExportOutput(model_name=cfg.model_name, version=version, alias=cfg.alias,
+                          model_uri=model_uri, registered=registered, reason=reason,
+                          run_id=run_id, model_card=str(out / CARD_NAME))
+    return writer.finish(0, metrics={"export.registered": float(registered)}, output=output,
+                         outputs=[out / CARD_NAME])

@@ -37,9 +37,9 @@ from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message
 from tasks.assets import ensure_lid_model
 from tasks.base_model import resolve_base_model
-from tasks.io import Quarantined, StageWriter, file_digest, input_digests, iter_input, up_to_date
+from tasks.io import Quarantined, file_digest, iter_input
+from tasks.stage_dir import StageDir, StageWriter
 from tasks.quality import QualityModel
-from tasks.wrap import prefect_task
 
 log = logging.getLogger(__name__)
 
@@ -511,11 +511,10 @@ def run_ingest(input_path: str | Path | list[str], out_dir: str | Path, cfg: Ing
     when ``cfg.tokenizer`` is empty; ``trust_remote_code`` is the run's train setting.
     """
     tokenizer = _tokenizer_name(cfg, base_model)
-    digests, cdig = input_digests(input_path), _config_digest(cfg, tokenizer)
-    if up_to_date(out_dir, digests, cdig):
-        log.info("ingest: %s is up to date, skipping", out_dir)
-        return Manifest.read(out_dir)
-    writer = StageWriter(out_dir, "ingest")
+    stage = StageDir(out_dir, "ingest", _config_digest(cfg, tokenizer), input_path)
+    if (done := stage.finished()) is not None:
+        return done
+    writer = stage.writer()
     rules: Counter[str] = Counter()
     filters = build_filters(cfg, home, base_model, trust_remote_code)
     for step in filters:
@@ -537,13 +536,7 @@ def run_ingest(input_path: str | Path | list[str], out_dir: str | Path, cfg: Ing
         info["tokenizer"] = tokenizer
     if cfg.quality_model:
         info["quality_model"] = str(resolve_quality_model(cfg))
-    manifest = writer.finish(seen["records_in"], input_digests=digests, config_digest=cdig,
-                             metrics=metrics, info=info)
+    manifest = writer.finish(seen["records_in"], metrics=metrics, info=info)
     log.info("ingest: %d in, %d kept, filtered %s, %d quarantined", manifest.records_in,
              manifest.kept, manifest.filtered, manifest.quarantined)
     return manifest
-
-
-# The Prefect task (tasks/wrap.py): `from tasks.ingest import ingest_task`, built on first use.
-__getattr__ = prefect_task("ingest_task", run_ingest, globals(),
-                           name="ingest", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])

@@ -9,11 +9,8 @@ import hashlib
 import io
 import json
 import re
-import time
 import zlib
-from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -312,90 +309,9 @@ def input_digests(inputs: str | Path | list[str]) -> dict[str, str]:
     """Digests that identify a stage's input: a stage dir's output digests, or raw file hashes."""
     if not isinstance(inputs, list) and is_stage_dir(inputs):
         m = Manifest.read(inputs)
-        return {f"{Path(inputs).name}/{k}": v for k, v in m.output_files.items()}
+        name = Path(inputs).name
+        # Its config too: a model retrained with other settings can select the same records.
+        return {f"{name}/config": m.config_digest,
+                **{f"{name}/{k}": v for k, v in m.output_files.items()}}
     patterns = inputs if isinstance(inputs, list) else [str(inputs)]
     return {p: file_digest(p) for p in expand_inputs(patterns)}
-
-
-def up_to_date(out_dir: str | Path, digests: dict[str, str], config_digest: str) -> bool:
-    """True when out_dir already holds this stage's result for the same input and config."""
-    try:
-        m = Manifest.read(out_dir)
-    except (FileNotFoundError, ValueError):
-        return False
-    if m.input_digests != digests or m.config_digest != config_digest:
-        return False
-    return all((Path(out_dir) / name).exists() for name in m.output_files)
-
-
-class StageWriter:
-    """Writes a stage directory: kept records, every drop with its reason, and the manifest."""
-
-    def __init__(self, out_dir: str | Path, stage: str, shard_size: int = 100_000) -> None:
-        self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for old in self.dir.glob("*.jsonl.gz"):
-            old.unlink()
-        self.manifest = Manifest(
-            stage=stage, started_at=datetime.now(timezone.utc).isoformat(timespec="seconds")
-        )
-        self._t0 = time.monotonic()
-        self._shard_size = shard_size
-        self._files: dict[str, Any] = {}
-        self._counts: Counter[str] = Counter()
-        self.filtered: Counter[str] = Counter()
-
-    def _write(self, name: str, line: str) -> None:
-        fh = self._files.get(name)
-        if fh is None:
-            fh = self._files[name] = gzip.open(self.dir / name, "wt", encoding="utf-8")
-        fh.write(line + "\n")
-
-    def keep(self, rec: ChatSample, split: str = "train") -> None:
-        """Keep a record; split 'train' goes to data-*, 'eval' to heldout-*."""
-        n = self._counts[split]
-        prefix = "data" if split == "train" else "heldout"
-        self._write(f"{prefix}-{n // self._shard_size:05d}.jsonl.gz", rec.model_dump_json())
-        self._counts[split] += 1
-
-    def drop(self, rec: ChatSample, reason: str, **details: Any) -> None:
-        """Filter a record out, with the filter's name as reason."""
-        self.filtered[reason] += 1
-        self._write("filtered.jsonl.gz", json.dumps(
-            {"reason": reason, **details, "record": rec.model_dump(mode="json")},
-            ensure_ascii=False))
-
-    def duplicate(self, rec: ChatSample, dup_of: str, kind: str, **details: Any) -> None:
-        """Remove a record as a duplicate of the record with id dup_of."""
-        self.manifest.deduplicated += 1
-        self._write("deduplicated.jsonl.gz", json.dumps(
-            {"dup_of": dup_of, "kind": kind, **details, "record": rec.model_dump(mode="json")},
-            ensure_ascii=False))
-
-    def quarantine(self, q: Quarantined) -> None:
-        """Set aside an input that could not be parsed, with file, line and error."""
-        self.manifest.quarantined += 1
-        self._write("quarantine.jsonl.gz", json.dumps(
-            {"file": q.source.file, "line": q.source.line, "error": q.error, "raw": q.raw},
-            ensure_ascii=False))
-
-    def finish(self, records_in: int, generated: int = 0, *, input_digests: dict[str, str],
-               config_digest: str, metrics: dict[str, float] | None = None,
-               info: dict[str, Any] | None = None) -> Manifest:
-        """Close the files, write and return the checked manifest."""
-        for fh in self._files.values():
-            fh.close()
-        m = self.manifest
-        m.records_in, m.generated = records_in, generated
-        m.kept = sum(self._counts.values())
-        m.splits = {k: v for k, v in self._counts.items()}
-        if set(m.splits) == {"train"}:
-            m.splits = {"train": m.kept}
-        m.filtered = dict(sorted(self.filtered.items()))
-        m.input_digests, m.config_digest = input_digests, config_digest
-        m.output_files = {p.name: file_digest(str(p)) for p in sorted(self.dir.glob("*.jsonl.gz"))}
-        m.duration_s = round(time.monotonic() - self._t0, 3)
-        m.metrics.update(metrics or {})
-        m.info.update(info or {})
-        m.write(self.dir)
-        return m

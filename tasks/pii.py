@@ -44,16 +44,8 @@ from spacy.language import Language
 from data_contracts.config import PiiConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
-from tasks.io import (
-    Quarantined,
-    StageWriter,
-    input_digests,
-    is_stage_dir,
-    iter_input,
-    read_records,
-    up_to_date,
-)
-from tasks.wrap import prefect_task
+from tasks.io import Quarantined, is_stage_dir, iter_input, read_records
+from tasks.stage_dir import StageDir, StageWriter, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -655,12 +647,11 @@ def _heldout(input_path: str | Path | list[str]) -> Iterator[ChatSample]:
 def run_pii(input_path: str | Path, out_dir: str | Path, cfg: PiiConfig, *,
             home: str | Path) -> Manifest:
     """Redact PII and secrets in every message (train and held-out), keeping every record."""
-    digests = input_digests(input_path)
-    cdig = cfg.digest()
-    if up_to_date(out_dir, digests, cdig):
-        return Manifest.read(out_dir)
+    stage = StageDir(out_dir, "pii", cfg.digest(), input_path)
+    if (done := stage.finished()) is not None:
+        return done
     engine = get_engine(cfg)
-    writer = StageWriter(out_dir, "pii")
+    writer = stage.writer()
     stats = _Stats()
     chunks = ((split, chunk)
               for split, items in (("train", iter_input(input_path)),
@@ -672,7 +663,7 @@ def run_pii(input_path: str | Path, out_dir: str | Path, cfg: PiiConfig, *,
         records_in += 1
     records_in += writer.manifest.quarantined
     sample_path = Path(out_dir) / SAMPLE_NAME
-    sample_path.write_text("".join(json.dumps(row) + "\n" for row in stats.sample))
+    write_atomic(sample_path, "".join(json.dumps(row) + "\n" for row in stats.sample))
     metrics = {f"pii.{e}": float(n) for e, n in sorted(stats.entities.items())}
     metrics.update({"pii.records_with_pii": float(stats.records_with_pii),
                     "pii.texts_screened_out": float(stats.texts_screened_out),
@@ -680,11 +671,6 @@ def run_pii(input_path: str | Path, out_dir: str | Path, cfg: PiiConfig, *,
     logger.info("pii: %d records, %d with PII, %d/%d texts skipped by the pre-screen",
                 records_in, stats.records_with_pii, stats.texts_screened_out,
                 stats.texts_screened_out + stats.texts_analyzed)
-    return writer.finish(records_in, input_digests=digests, config_digest=cdig, metrics=metrics,
+    return writer.finish(records_in, metrics=metrics, outputs=[sample_path],
                          info={"entities": list(engine.entities), "mode": cfg.mode,
                                "redactions_sample": str(sample_path)})
-
-
-# The Prefect task (tasks/wrap.py): `from tasks.pii import pii_task`, built on first use.
-__getattr__ = prefect_task("pii_task", run_pii, globals(),
-                           name="pii", retries=2, retry_delay_seconds=[2, 10], tags=["ftflow"])

@@ -24,8 +24,9 @@ from data_contracts.config import TrainConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
 from tasks.base_model import CHATML_TEMPLATE, resolve_base_model
-from tasks.io import StageWriter, input_digests, read_records, up_to_date
-from tasks.wrap import prefect_task
+from data_contracts.stage_outputs import TrainOutput
+from tasks.io import read_records
+from tasks.stage_dir import StageDir, StageWriter
 
 log = logging.getLogger(__name__)
 
@@ -623,12 +624,6 @@ def _callbacks(cfg: TrainConfig, has_eval: bool,
     return start, stats, callbacks, early
 
 
-def _already_trained(out: Path, digests: dict[str, str], config_digest: str) -> bool:
-    """The stage ran to the end on these inputs and config: manifest and merged model exist
-    (a manifest alone can predate a crash in the merge)."""
-    return up_to_date(out, digests, config_digest) and (out / MERGED_DIR / "config.json").exists()
-
-
 class Ranks:
     """The processes `accelerate launch` started for this stage; one process when not launched.
 
@@ -644,8 +639,8 @@ class Ranks:
         # The others keep their (identical) selection of records in a scratch directory.
         self._scratch = None if self.is_main else Path(tempfile.mkdtemp(prefix="ftflow-rank"))
 
-    def writer(self, out: Path) -> StageWriter:
-        return StageWriter(self._scratch or out, STAGE)
+    def writer(self, stage: StageDir) -> StageWriter:
+        return stage.writer(into=self._scratch)
 
     def barrier(self) -> None:
         if self.state is not None:
@@ -703,11 +698,11 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
         from tasks.train_pref import run_train_pref  # it builds on this module's helpers
 
         return run_train_pref(input_path, out_dir, cfg, home=home, seed=seed)
-    digests = input_digests(input_path)
-    cdig = cfg.digest()
     out = Path(out_dir)
-    if _already_trained(out, digests, cdig):
-        return Manifest.read(out)
+    stage = StageDir(out, STAGE, cfg.digest(), input_path)
+    if (done := stage.finished()) is not None:
+        return done
+    digests = stage.digests
 
     import torch
     from datasets import Dataset
@@ -719,7 +714,7 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
     tokenizer, template_source = _prepare_tokenizer(base, cfg)
     training_template, mask_problem = _training_template(tokenizer)
     ranks = Ranks()  # under `accelerate launch`: all train, the main process writes
-    writer = ranks.writer(out)
+    writer = ranks.writer(stage)
     can_mask = cfg.assistant_only_loss and mask_problem is None
     train_recs, eval_recs, records_in, kind = _select_records(
         input_path, writer, tokenizer, cfg, training_template, can_mask)
@@ -809,10 +804,6 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
     }
     log.info("trained %s for %d steps (from %d): train loss %.3f, eval loss %s",
              base, final_step, start.step, metrics["train_loss"], metrics.get("eval_loss"))
-    return writer.finish(records_in, input_digests=digests, config_digest=cdig,
-                         metrics=metrics, info=info)
-
-
-# The Prefect task (tasks/wrap.py): `from tasks.train import train_task`, built on first use.
-__getattr__ = prefect_task("train_task", run_train, globals(),
-                           name="train", retries=1, retry_delay_seconds=[10], tags=["ftflow"])
+    return writer.finish(records_in, metrics=metrics, info=info,
+                         output=TrainOutput.model_validate(info),
+                         outputs=[adapter_dir, merged_dir, out / HISTORY_FILE])

@@ -25,15 +25,17 @@ from data_contracts.config import TrainConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
 from tasks.base_model import resolve_base_model
-from tasks.io import StageWriter, input_digests, read_records
+from data_contracts.stage_outputs import TrainOutput
+from tasks.io import read_records
+from tasks.stage_dir import StageDir, StageWriter
 from tasks.train import (
     ADAPTER_DIR,
+    STAGE,
     CHECKPOINT_DIR,
     HISTORY_FILE,
     MERGED_DIR,
     Ranks,
     _adapter_to_fp32,
-    _already_trained,
     _callbacks,
     _check_round_trip,
     _compute_dtype,
@@ -197,11 +199,11 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"train.objective is {cfg.objective!r}; run_train_pref trains "
                          f"{' or '.join(OBJECTIVES)}")
-    digests = input_digests(input_path)
-    cdig = cfg.digest()
     out = Path(out_dir)
-    if _already_trained(out, digests, cdig):
-        return Manifest.read(out)
+    stage = StageDir(out, STAGE, cfg.digest(), input_path)
+    if (done := stage.finished()) is not None:
+        return done
+    digests = stage.digests
 
     import torch
 
@@ -209,7 +211,7 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
     cuda = torch.cuda.is_available()
     tokenizer, template_source = _prepare_tokenizer(base, cfg)
     ranks = Ranks()  # under `accelerate launch`: all train, the main process writes
-    writer = ranks.writer(out)
+    writer = ranks.writer(stage)
     train_recs, eval_recs, records_in = _select_pairs(input_path, writer, tokenizer, cfg)
 
     # k-bit preparation: DPOTrainer does not do it itself (ORPOTrainer does, again, harmlessly).
@@ -287,5 +289,6 @@ def run_train_pref(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig
     log.info("%s on %s for %d steps (from %d): train loss %.3f, eval reward accuracy %s",
              cfg.objective, base, final_step, start.step, metrics["train_loss"],
              metrics.get("eval_rewards/accuracies"))
-    return writer.finish(records_in, input_digests=digests, config_digest=cdig,
-                         metrics=metrics, info=info)
+    return writer.finish(records_in, metrics=metrics, info=info,
+                         output=TrainOutput.model_validate(info),
+                         outputs=[adapter_dir, merged_dir, out / HISTORY_FILE])

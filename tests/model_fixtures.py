@@ -1,8 +1,5 @@
-"""Test helpers shared by the augment/evaluate/export tests: chat data and a trained train dir.
-
-The train dir mimics what tasks/train.py writes (adapter/, merged/, manifest.json) without
-importing it: a peft LoRA on the tiny base, trained with a plain torch loop, then merged.
-"""
+"""Test helpers shared by the augment/evaluate/export tests: chat data and a trained train dir
+(written by the real train stage, so evaluate and export read exactly what it hands over)."""
 
 from __future__ import annotations
 
@@ -11,9 +8,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message, content_id
-from tasks.io import StageWriter
+from tasks.stage_dir import StageWriter
 
 TOPICS = [
     ("reset my password", "Open the account settings page, choose security and press reset."),
@@ -68,46 +64,15 @@ def write_stage_dir(out_dir: Path, train: list[ChatSample],
 
 
 def build_train_dir(out_dir: Path, home: Path, steps: int = 30, lr: float = 3e-3) -> Path:
-    """A train dir like tasks/train.py's: LoRA adapter + merged model + manifest (cached)."""
-    if (out_dir / "manifest.json").exists():
-        return out_dir
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A train stage dir written by the real train stage (tasks/train.py): LoRA on the tiny base
+    over small support chats; cached, since the stage skips itself when it is up to date."""
+    from data_contracts.config import TrainConfig
+    from tasks.train import run_train
 
-    from tasks.base_model import resolve_base_model
-
-    base = resolve_base_model("builtin:tiny-llama", home)
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
-    texts = [tok.apply_chat_template([m.model_dump() for m in r.messages], tokenize=False)
-             for r in support_chats(64, seed=1)]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    torch.manual_seed(0)
-    model.train()
-    history = []
+    data = write_stage_dir(out_dir.parent / f"{out_dir.name}-data", support_chats(64, seed=1),
+                           support_chats(8, seed=2, prefix="h"))
+    cfg = TrainConfig(method="lora", max_steps=steps, learning_rate=lr, batch_size=8,
+                      warmup_ratio=0.0, eval_steps=steps, save_steps=steps, logging_steps=5)
     with one_torch_thread():
-        for step in range(steps):
-            batch = [texts[(step * 8 + j) % len(texts)] for j in range(8)]
-            enc = tok(batch, return_tensors="pt", padding=True)
-            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-            loss = model(**enc, labels=labels).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            history.append(f'{{"step": {step + 1}, "loss": {loss.item():.4f}}}')
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir / "adapter")
-    tok.save_pretrained(out_dir / "adapter")
-    merged = model.merge_and_unload()
-    merged.save_pretrained(out_dir / "merged", safe_serialization=True)
-    tok.save_pretrained(out_dir / "merged")
-    (out_dir / "history.jsonl").write_text("\n".join(history) + "\n")
-    Manifest(stage="train", info={
-        "adapter_dir": str(out_dir / "adapter"), "merged_dir": str(out_dir / "merged"),
-        "base_model": base, "quantized": False, "method": "lora",
-        "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"},
-    }, metrics={"train.final_loss": float(history[-1].split(": ")[-1].rstrip("}"))}).write(out_dir)
+        run_train(data, out_dir, cfg, home=home, seed=0)
     return out_dir

@@ -81,23 +81,20 @@ def test_a_new_home_gets_prefect_state_dir(tmp_path: Path, monkeypatch: pytest.M
     assert (tmp_path / "new" / "home" / "prefect").is_dir()
 
 
-STAGE_MODULES = ("ingest", "pii", "dedup", "augment", "train", "evaluate", "export")
-
-
-def test_stage_functions_import_without_prefect_and_the_pipeline_gets_its_tasks() -> None:
-    """`ftflow stage` and each `accelerate launch` rank load the stage, not Prefect; the flow's
-    `from tasks.X import X_task` still gets the task with its retries."""
+def test_stages_import_without_prefect_and_the_flow_gets_each_stage_task() -> None:
+    """`ftflow stage` and each `accelerate launch` rank load the stage, not Prefect; the flow
+    builds each stage's task in one place, named after its stage directory, with its retries
+    and the config's timeout."""
     probe = (
         "import importlib, sys\n"
-        f"mods = [importlib.import_module('tasks.' + m) for m in {STAGE_MODULES!r}]\n"
+        "from tasks.stages import COMMANDS, spec, stage_task\n"
+        "mods = [importlib.import_module('tasks.' + m) for m in COMMANDS]\n"
         "print(sorted({n.split('.')[0] for n in sys.modules} & {'prefect'}))\n"
-        "from tasks.train import train_task\n"
-        "from tasks.ingest import ingest_task\n"
-        "print(train_task.name, train_task.retries, ingest_task.retries, "
-        "mods[4].train_task is train_task)\n"
-        "try:\n    mods[4].no_such_task\nexcept AttributeError as err:\n    print(err)\n"
+        "from data_contracts.config import load_config\n"
+        "cfg = load_config(None, ['run.timeouts.train=120'])\n"
+        "t, i = stage_task(spec('train'), cfg), stage_task(spec('05-pii-synthetic'), cfg)\n"
+        "print(t.name, t.retries, t.timeout_seconds, i.name, i.retries)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, cwd=REPO, env={**os.environ, **OFFLINE_ENV}).stdout
-    assert out.splitlines() == ["[]", "train 1 2 True",
-                                "module 'tasks.train' has no attribute 'no_such_task'"]
+    assert out.splitlines() == ["[]", "07-train 1 120.0 05-pii-synthetic 2"]

@@ -12,6 +12,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from data_contracts.config import ExportConfig
 from data_contracts.manifest import Manifest
+from data_contracts.stage_outputs import EvaluateOutput, StageOutputError, output_info
 from tasks.export import CARD_NAME, run_export
 
 PPL = "ftflow_heldout_ppl.word_perplexity"
@@ -30,8 +31,11 @@ def _eval_dir(root: Path, passed: bool) -> Path:
         "# Base vs tuned on 10 held-out records\n\n| task | metric | base | tuned | delta | better |"
         "\n|---|---|---|---|---|---|\n| ftflow_heldout_ppl | word_perplexity | 2.8e+07 | 5371 "
         f"| -2.8e+07 | lower |\n\n{gate}\n")
+    verdict = EvaluateOutput(gate_passed=passed, gate=gate, gate_metric=PPL,
+                             results=str(root / "results.json"),
+                             comparison=str(root / "comparison.md"))
     Manifest(stage="evaluate", metrics={f"base.{PPL}": 2.8e7, f"tuned.{PPL}": 5371.0},
-             info={"gate_passed": passed, "gate": gate}).write(root)
+             info=output_info(verdict)).write(root)
     return root
 
 
@@ -113,3 +117,17 @@ def test_failed_gate_is_not_registered_unless_asked(
                         tracking_uri=uri)
     assert forced.info["registered"] is True and "register_if_gate_fails" in forced.info["reason"]
     assert str(client.get_model_version_by_alias("held-back", "candidate").version) == "1"
+
+
+def test_a_missing_hand_off_field_names_the_stage_and_field(
+        tmp_path: Path, train_dir: Path, tracking: tuple[str, MlflowClient, str]) -> None:
+    """A renamed or missing field of an earlier stage fails at once, saying which."""
+    uri, _, parent = tracking
+    eval_dir = _eval_dir(tmp_path / "eval", True)
+    m = Manifest.read(eval_dir)
+    del m.info["gate_passed"]
+    m.write(eval_dir)
+    with pytest.raises(StageOutputError, match=r"stage 'evaluate'.*field 'gate_passed'"):
+        run_export(train_dir, eval_dir, tmp_path / "out", ExportConfig(), tracking_uri=uri,
+                   parent_run_id=parent)
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -10,7 +10,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from data_contracts.manifest import Manifest
-from flows.pipeline import STAGES, finetune_pipeline
+from flows.pipeline import finetune_pipeline
+from tasks.stages import STAGES
+
+STAGE_NAMES = [s.name for s in STAGES]
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -41,7 +44,7 @@ def pipeline_run(session_home: Path) -> dict:
 def test_every_stage_accounts_for_every_record(pipeline_run: dict) -> None:
     run_dir = Path(pipeline_run["run_dir"])
     previous_kept = None
-    for name, _ in STAGES:
+    for name in STAGE_NAMES:
         m = Manifest.read(run_dir / name)
         m.check()  # in + generated == kept + filtered + deduplicated + quarantined
         if name in ("02-pii", "03-dedup", "04-augment", "05-pii-synthetic", "06-dedup-synthetic"):
@@ -61,7 +64,7 @@ def test_mlflow_has_parent_and_nested_stage_runs(pipeline_run: dict) -> None:
         [parent.info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["ftflow.stage"]: r for r in children if "ftflow.stage" in r.data.tags}
-    assert set(by_stage) == {name for name, _ in STAGES}
+    assert set(by_stage) == {name for name in STAGE_NAMES}
     ingest = by_stage["01-ingest"]
     assert ingest.data.metrics["records_in"] == (
         ingest.data.metrics["kept"] + ingest.data.metrics["filtered"]
@@ -100,8 +103,8 @@ def test_registered_version_has_candidate_alias_and_loads(pipeline_run: dict) ->
 def test_rerun_of_same_run_resumes_without_redoing_stages(pipeline_run: dict,
                                                           session_home: Path) -> None:
     run_dir = Path(pipeline_run["run_dir"])
-    before = {name: Manifest.read(run_dir / name).started_at for name, _ in STAGES[:8]}
+    before = {name: Manifest.read(run_dir / name).started_at for name in STAGE_NAMES[:8]}
     finetune_pipeline(config_path=str(REPO / "configs" / "demo.yaml"),
                       overrides=small_overrides(session_home), run_id="e2e")
-    after = {name: Manifest.read(run_dir / name).started_at for name, _ in STAGES[:8]}
+    after = {name: Manifest.read(run_dir / name).started_at for name in STAGE_NAMES[:8]}
     assert after == before, "finished stages were skipped, not recomputed"

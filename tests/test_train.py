@@ -14,7 +14,8 @@ from torch.utils._pytree import tree_flatten
 
 from data_contracts.config import LoraConfig, TrainConfig
 from data_contracts.records import ChatSample, Message
-from tasks.io import StageWriter, read_records
+from tasks.io import read_records
+from tasks.stage_dir import StageWriter
 from tasks.train import NAMED_TEMPLATES, _check_round_trip, _load_model, run_train
 
 TOPICS = ["password", "invoice", "refund", "delivery", "coupon", "account"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from data_contracts.records import ChatSample, Message
-from tasks.io import StageWriter
+from tasks.stage_dir import StageWriter
 
 REPO = Path(__file__).resolve().parents[1]
 TOPICS = ["password", "invoice", "refund", "delivery", "coupon", "account"]
