@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from data_contracts.config import PipelineConfig, load_config
 from data_contracts.manifest import Manifest
+from flows.report import LEDGER_COLUMNS, ledger_markdown, ledger_rows, publish_artifacts
 from tasks.stages import STAGES, StageContext, StageSpec, spec, stage_task
 from tasks.tracking import Tracker, flatten
 
@@ -33,6 +33,7 @@ class PipelineResult:
     run_dir: str
     mlflow_run_id: str
     tracking_uri: str
+    experiment_id: str = ""
     manifests: dict[str, Manifest] = field(default_factory=dict)
 
     @property
@@ -46,16 +47,6 @@ class PipelineResult:
 
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-
-
-def ledger_table(manifests: dict[str, Manifest]) -> str:
-    """The ledger as a markdown table: every record of every stage accounted for."""
-    rows = ["| stage | in | generated | kept | filtered | deduplicated | quarantined | seconds |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, m in manifests.items():
-        rows.append(f"| {name} | {m.records_in} | {m.generated} | {m.kept} | {m.filtered_total} "
-                    f"| {m.deduplicated} | {m.quarantined} | {m.duration_s:.1f} |")
-    return "\n".join(rows)
 
 
 def _run_stage(tracker: Tracker, parent: str, s: StageSpec, ctx: StageContext) -> Manifest:
@@ -76,6 +67,27 @@ def _run_stage(tracker: Tracker, parent: str, s: StageSpec, ctx: StageContext) -
     return manifest
 
 
+def _flow_run_url() -> str:
+    """The flow run's page in the Prefect UI, when the run talks to a Prefect server."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    run = flow_run.get_id()
+    ui = PREFECT_UI_URL.value() if PREFECT_API_URL.value() else None
+    return f"{str(ui).rstrip('/')}/runs/flow-run/{run}" if ui and run else ""
+
+
+def _description(result: PipelineResult) -> str:
+    """What the run did, in a few lines: the MLflow run's description."""
+    m = result.manifests
+    first, curated = m[STAGES[0].name], m[spec("train").reads[0]]
+    ev, ex = result.evaluation, result.export
+    return (f"ftflow run `{result.run_id}`: {first.records_in} input records, "
+            f"{curated.splits.get('train', 0)} curated for training and "
+            f"{curated.splits.get('eval', 0)} held out.\n\n"
+            f"{ev.info.get('gate', 'no gate result')}\n\n"
+            f"Model: `{ex.info.get('model_uri', '-')}` ({ex.info.get('reason', '')})")
+
+
 def run_pipeline(cfg: PipelineConfig, run_id: str | None = None) -> PipelineResult:
     """Run all stages under one MLflow parent run (call inside a Prefect flow)."""
     run_id = run_id or new_run_id()
@@ -90,7 +102,7 @@ def run_pipeline(cfg: PipelineConfig, run_id: str | None = None) -> PipelineResu
             "prefect.flow_run_id": str(flow_run.get_id() or ""),
             "prefect.flow_run_name": str(flow_run.get_name() or "")}
     parent = tracker.start_parent(f"{cfg.run.name}-{run_id}", params, tags)
-    result = PipelineResult(run_id, str(run_dir), parent, uri)
+    result = PipelineResult(run_id, str(run_dir), parent, uri, tracker.experiment_id)
     m = result.manifests
     try:
         for s in STAGES:
@@ -103,33 +115,38 @@ def run_pipeline(cfg: PipelineConfig, run_id: str | None = None) -> PipelineResu
     ev, ex = result.evaluation, result.export
     tracker.log_metrics(parent, {k: v for k, v in ev.metrics.items()
                                  if k.startswith(("base.", "tuned."))})
+    curated = run_dir / spec("train").reads[0]
+    tracker.log_datasets(parent, curated, {"train": "training", "eval": "heldout"})
     tracker.set_tags(parent, {"ftflow.gate_passed": ev.info.get("gate_passed"),
-                              "ftflow.model_uri": ex.info.get("model_uri", "")})
-    table = ledger_table(m)
-    (run_dir / "LEDGER.md").write_text(table + "\n")
+                              "ftflow.model_uri": ex.info.get("model_uri", ""),
+                              "ftflow.registered_version": ex.info.get("version") or "",
+                              "prefect.flow_run_url": _flow_run_url(),
+                              "mlflow.note.content": _description(result)})
+    (run_dir / "LEDGER.md").write_text(ledger_markdown(m) + "\n")
     tracker.client.log_artifact(parent, str(run_dir / "LEDGER.md"))
+    tracker.client.log_table(parent, {k: [r[k] for r in ledger_rows(m)] for k in LEDGER_COLUMNS},
+                             "ledger.json")
     tracker.end(parent)
     return result
 
 
-@flow(name="finetune-pipeline", log_prints=True)
+# log_prints stays off: Prefect's print capture replaces print() even where a library redirects
+# sys.stdout to read its own output back, and dill (datasets' fingerprinting, in training) does
+# exactly that with dis.dis: 800+ lines of bytecode landed in the run log and dill read nothing.
+@flow(name="finetune-pipeline", log_prints=False)
 def finetune_pipeline(config_path: str | None = None, overrides: list[str] | None = None,
                       run_id: str | None = None) -> dict[str, Any]:
     """Ingest, scrub, dedup, augment, train, benchmark and register a model from one config."""
     cfg = load_config(config_path, overrides)
     result = run_pipeline(cfg, run_id)
-    ev, ex = result.evaluation, result.export
-    create_markdown_artifact(
-        key="ftflow-ledger",
-        markdown=(f"# ftflow run {result.run_id}\n\nMLflow run `{result.mlflow_run_id}` at "
-                  f"`{result.tracking_uri}`\n\nModel: `{ex.info.get('model_uri', '-')}`\n\n"
-                  f"Gate: {ev.info.get('gate', '-')}\n\n{ledger_table(result.manifests)}\n"),
-        description="ftflow ledger and links",
-    )
+    publish_artifacts(result.run_id, result.manifests, result.tracking_uri, result.experiment_id,
+                      result.mlflow_run_id)
     return {
         "run_id": result.run_id,
+        "flow_run_id": str(flow_run.get_id() or ""),
         "run_dir": result.run_dir,
         "mlflow_run_id": result.mlflow_run_id,
         "tracking_uri": result.tracking_uri,
+        "mlflow_experiment_id": result.experiment_id,
         "ledger": {k: v.model_dump(mode="json") for k, v in result.manifests.items()},
     }

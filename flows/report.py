@@ -8,7 +8,9 @@ from rich.console import Console
 from rich.table import Table
 
 from data_contracts.config import PipelineConfig
+from data_contracts.manifest import Manifest
 from tasks.stages import spec
+from tasks.tracking import run_url
 
 
 def comparison_rows(metrics: dict[str, float]) -> list[tuple[str, float, float]]:
@@ -57,4 +59,70 @@ def print_summary(out: dict[str, Any], cfg: PipelineConfig, console: Console | N
     else:
         console.print(f"model not registered: {ex.get('reason', '-')}")
     console.print(f"run directory: {out['run_dir']}")
-    console.print(f"look at it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    url = run_url(uri, out.get("mlflow_experiment_id", ""), out["mlflow_run_id"])
+    if url:
+        console.print(f"look at it: {url}")
+    else:
+        console.print(f"look at it: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 "
+                      f"--port {free_port()}")
+
+
+def free_port() -> int:
+    """A port nothing listens on now (the hint must not name a port a server holds)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ledger_rows(manifests: dict[str, Manifest]) -> list[dict[str, Any]]:
+    """The ledger, a row per stage: every record of every stage accounted for."""
+    return [{"stage": name, "in": m.records_in, "generated": m.generated, "kept": m.kept,
+             "filtered": m.filtered_total, "deduplicated": m.deduplicated,
+             "quarantined": m.quarantined, "seconds": round(m.duration_s, 1)}
+            for name, m in manifests.items()]
+
+
+LEDGER_COLUMNS = ("stage", "in", "generated", "kept", "filtered", "deduplicated", "quarantined",
+                  "seconds")
+
+
+def ledger_markdown(manifests: dict[str, Manifest]) -> str:
+    """The ledger as a markdown table."""
+    rows = ledger_rows(manifests)
+    lines = ["| " + " | ".join(LEDGER_COLUMNS) + " |", "|---" + "|---:" * 7 + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in LEDGER_COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def publish_artifacts(run_id: str, manifests: dict[str, Manifest], tracking_uri: str,
+                      experiment_id: str, mlflow_run_id: str) -> None:
+    """What a reviewer looks for in the Prefect UI: the ledger and the base-vs-tuned table as
+    tables, the gate's decision, and the way to the MLflow run (a link when it is a server)."""
+    from prefect.artifacts import (
+        create_link_artifact,
+        create_markdown_artifact,
+        create_table_artifact,
+    )
+
+    ev, ex = manifests[spec("evaluate").name], manifests[spec("export").name]
+    create_table_artifact(ledger_rows(manifests), key="ftflow-ledger",
+                          description=f"ftflow run {run_id}: where every record went")
+    create_table_artifact(
+        [{"task.metric": n, "base": round(b, 6), "tuned": round(t, 6)}
+         for n, b, t in comparison_rows(ev.metrics)],
+        key="ftflow-eval", description="held-out benchmark: base vs fine-tuned")
+    url = run_url(tracking_uri, experiment_id, mlflow_run_id)
+    where = (f"[MLflow run {mlflow_run_id}]({url})" if url else
+             f"MLflow run `{mlflow_run_id}` in `{tracking_uri}` (open it with `mlflow ui "
+             f"--backend-store-uri {tracking_uri}`)")
+    create_markdown_artifact(
+        key="ftflow-gate", description="the promotion gate's decision",
+        markdown=(f"# Gate: {'passed' if ev.info.get('gate_passed') else 'failed'}\n\n"
+                  f"{ev.info.get('gate', 'no gate result')}\n\n"
+                  f"Model: `{ex.info.get('model_uri', '-')}` ({ex.info.get('reason', '')})\n\n"
+                  f"{where}\n"))
+    if url:
+        create_link_artifact(url, link_text=f"MLflow run {mlflow_run_id}",
+                             key="ftflow-mlflow-run", description="this run in MLflow")

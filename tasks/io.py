@@ -240,7 +240,10 @@ def iter_raw(path: str) -> Iterator[tuple[Source, Any]]:
                                     f"{type(err).__name__}: {err}")
 
 
-def is_stage_dir(path: str | Path) -> bool:
+def is_stage_dir(path: str | Path | list[str]) -> bool:
+    """True for a stage directory; False for raw inputs (a file, a glob, a list of them)."""
+    if isinstance(path, list):
+        return False
     p = Path(path)
     return p.is_dir() and ((p / MANIFEST_NAME).exists() or any(p.glob(DATA_GLOB)))
 

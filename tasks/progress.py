@@ -92,3 +92,35 @@ class Progress:
             self.total = self.done  # a stage that ends early (early stopping) is still done
         self._push(force=True)
         self._bar.close()
+
+
+def trainer_progress(stage: str = "train") -> Any:
+    """A transformers TrainerCallback that shows training steps with the latest loss."""
+    from transformers import TrainerCallback
+
+    class _StepProgress(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.progress: Progress | None = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if state.is_world_process_zero:
+                self.progress = Progress(stage, state.max_steps or None, unit="steps")
+                self.progress.update(state.global_step)  # a resumed run starts part-way
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.progress is not None:
+                self.progress.update(state.global_step - self.progress.done)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None,
+                   **kw: Any) -> None:
+            if self.progress is not None and logs:
+                shown = {k: f"{logs[k]:.4g}" for k in ("loss", "eval_loss") if k in logs}
+                if shown:
+                    self.progress.update(0, **shown)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if self.progress is not None:
+                self.progress.close()
+                self.progress = None
+
+    return _StepProgress()

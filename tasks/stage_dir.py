@@ -175,7 +175,7 @@ class StageWriter:
     def _carry_heldout(self) -> int:
         """Copy the input's held-out files through byte for byte; the number of records."""
         src = self._carry
-        if src is None or isinstance(src, list) or not is_stage_dir(src):
+        if src is None or not is_stage_dir(src):
             return 0
         if self._counts.get("eval"):
             raise RuntimeError(f"stage {self.manifest.stage} both carries and writes held-out "

@@ -132,7 +132,7 @@ def spec(name_or_command: str) -> StageSpec:
 
 def _heldout_count(source: Any) -> int | None:
     """Held-out records in a stage directory; None for raw inputs."""
-    if isinstance(source, list) or not is_stage_dir(source):
+    if not is_stage_dir(source):
         return None
     return Manifest.read(source).splits.get("eval", 0)
 

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 MAX_ARTIFACT_BYTES = 20 * 1024 * 1024
 MAX_PARAM_CHARS = 500
 SKIP_ARTIFACTS = ("data-", "heldout-")
+# The record files of each split in a stage directory.
+SPLIT_FILES = {"train": "data-", "eval": "heldout-"}
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
@@ -110,3 +112,40 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_datasets(self, run_id: str, stage_dir: Path, contexts: dict[str, str]) -> int:
+        """A stage directory's splits as the run's dataset inputs (mlflow.data), each with the
+        digest of its files and its context (``training``, ``heldout``), never the rows."""
+        import hashlib
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        manifest = Manifest.read(stage_dir)
+        inputs = []
+        for split, context in contexts.items():
+            files = {k: v for k, v in manifest.output_files.items()
+                     if k.startswith(SPLIT_FILES[split])}
+            if not files:
+                continue
+            digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local dir
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(str(stage_dir))
+            ds = MetaDataset(source, name=f"{stage_dir.name}/{split}", digest=digest)
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[
+                InputTag(MLFLOW_DATASET_CONTEXT, context),
+                InputTag("ftflow.records", str(manifest.splits.get(split, 0)))]))
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
+        return len(inputs)
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The MLflow UI page of a run when tracking is a server; "" for a local store."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return ""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"

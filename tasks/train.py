@@ -26,6 +26,7 @@ from data_contracts.records import ChatSample
 from tasks.base_model import CHATML_TEMPLATE, resolve_base_model
 from data_contracts.stage_outputs import TrainOutput
 from tasks.io import read_records
+from tasks.progress import trainer_progress
 from tasks.stage_dir import StageDir, StageWriter
 
 log = logging.getLogger(__name__)
@@ -614,7 +615,7 @@ def _callbacks(cfg: TrainConfig, has_eval: bool,
     """The start-step probe, per-step stats and (when configured) early stopping: (probe,
     stats, all callbacks, whether early stopping is on)."""
     start, stats = _start_step_probe(), step_stats_callback(cuda)
-    callbacks: list[Any] = [start, stats]
+    callbacks: list[Any] = [start, stats, trainer_progress()]
     early = _early_stopping(cfg, has_eval)
     if early:
         from transformers import EarlyStoppingCallback
