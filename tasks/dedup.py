@@ -36,7 +36,7 @@ BATCH = 1024  # records per MinHash.bulk call
 _PUNCT = re.compile(r"[^\w\s]")
 
 
-def normalize(text: str) -> str:
+def normalize_for_matching(text: str) -> str:
     """Lowercase, drop punctuation, collapse whitespace: the form exact dedup compares."""
     return " ".join(_PUNCT.sub("", text.lower()).split())
 
@@ -103,7 +103,7 @@ def _signatures(items: Iterable[tuple[str, ChatSample]], cfg: DedupConfig) -> It
     batch: list[tuple[str, ChatSample]] = []
 
     def flush() -> Iterator[_Sig]:
-        norms = [normalize(rec.joined_text()) for _, rec in batch]
+        norms = [normalize_for_matching(rec.joined_text()) for _, rec in batch]
         grams = [shingle_hashes(shingles(t, cfg.ngram)) for t in norms]
         # The shingles are hashed already: int() hands their CRC-32 to MinHash as is.
         hashes = MinHash.bulk([g.tolist() for g in grams], num_perm=cfg.num_perm, hashfunc=int)
@@ -122,7 +122,7 @@ def _signatures(items: Iterable[tuple[str, ChatSample]], cfg: DedupConfig) -> It
 def text_sig(rid: str, text: str, ngram: int) -> _Sig:
     """A record's exact key and shingle hashes without a MinHash: for records whose candidate
     duplicates were found elsewhere (datatrove's clusters)."""
-    norm = normalize(text)
+    norm = normalize_for_matching(text)
     return _Sig(rid, "", False, exact_key(norm), None, shingle_hashes(shingles(norm, ngram)))
 
 

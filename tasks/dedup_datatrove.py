@@ -73,7 +73,7 @@ from tasks.dedup import (
     can_hold_out,
     candidate_floor,
     decide,
-    normalize,
+    normalize_for_matching,
     shingle_hashes,
     shingles,
     stream_input,
@@ -95,8 +95,8 @@ def minhash_config(cfg: DedupConfig) -> MinhashConfig:
 
 
 class ShingleSignature(MinhashDedupSignature):
-    """datatrove's signature step on ftflow's shingles (normalize, word n-grams, CRC-32) and
-    the in-process MinHash of them.
+    """datatrove's signature step on ftflow's shingles (normalize_for_matching, word n-grams,
+    CRC-32) and the in-process MinHash of them.
 
     The shingles are the sets the exact Jaccard is computed on, so exact duplicates always
     share every bucket; and a text shorter than n words is one shingle (datatrove's own
@@ -110,7 +110,7 @@ class ShingleSignature(MinhashDedupSignature):
         self.num_perm = num_perm
 
     def get_shingles(self, text: str) -> np.ndarray:
-        grams = shingle_hashes(shingles(normalize(text), self.config.n_grams))
+        grams = shingle_hashes(shingles(normalize_for_matching(text), self.config.n_grams))
         return grams.astype(np.uint64).reshape(-1, 1)
 
     def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
