@@ -3,13 +3,14 @@
     .venv/bin/python benchmarks/bench_dedup.py [--share 0.7] [--repeats 3]
 
 Source: the long descriptions in the venv's installed `*.dist-info/METADATA` files and the
-docstrings of Python's standard library, split into paragraphs of >= 50 words, exact-deduplicated, then pruned so that no two source paragraphs
-share a true word-5-gram Jaccard >= 0.3. Near duplicates are planted by editing words
-(replace / delete / insert) until the exact 5-gram Jaccard with the original (the stage's own
-`normalize_for_matching` + `shingles`) falls in a target band. Ground truth for every record is its best
-exact Jaccard with any earlier record. Throughput compares, on the same file, a bare
-read-parse-write pass (the ceiling), `run_dedup`, and a naive datasketch loop
-(`MinHash()` + `update` per shingle, `MinHashLSH.insert` / `query`). Prints a markdown report.
+docstrings of Python's standard library, split into paragraphs of >= 50 words,
+exact-deduplicated, then pruned so that no two source paragraphs share a true word-5-gram
+Jaccard >= 0.3. Near duplicates are planted by editing words (replace / delete / insert) until
+the exact 5-gram Jaccard with the original (the stage's own `normalize_for_matching` +
+`shingles`) falls in a target band. Ground truth for every record is its best exact Jaccard
+with any earlier record. Throughput compares, on the same file, a bare read-parse-write pass
+(the ceiling), `run_dedup`, and a naive datasketch loop (`MinHash()` + `update` per shingle,
+`MinHashLSH.insert` / `query`). Prints a markdown report.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ sys.path.insert(0, str(REPO))
 from datasketch import MinHash, MinHashLSH  # noqa: E402
 
 from data_contracts.config import DedupConfig  # noqa: E402
-from tasks.dedup import normalize_for_matching, run_dedup, shingles  # noqa: E402
+from tasks.dedup import run_dedup  # noqa: E402
+from tasks.dedup_common import normalize_for_matching, shingles  # noqa: E402
 from tasks.io import StageWriter, iter_input  # noqa: E402
 from common import bare_pass  # noqa: E402  (benchmarks/common.py)
 

@@ -14,9 +14,10 @@ datatrove's four MinHash steps on the executor `dedup.executor` names:
    (load_cluster_ids). Every doc that landed in a cluster is written out with its cluster id:
    the one datatrove keeps and those it drops.
 3. Driver: datatrove keeps each cluster's union-find root, and its clusters are transitive
-   (A~B and B~C put A and C together). So each cluster is replayed through tasks.dedup.decide:
-   held-out first, first seen kept, each member confirmed by the exact Jaccard against the kept
-   ones. A removed record thus names the record it truly duplicates, as in process.
+   (A~B and B~C put A and C together). So each cluster is replayed through
+   tasks.dedup_common.decide: held-out first, first seen kept, each member confirmed by the exact
+   Jaccard against the kept ones. A removed record thus names the record it truly duplicates, as
+   in process.
 4. Driver: stream the input again and write the stage through StageWriter.
 
 num_perm -> MinhashConfig: datatrove's LSH is num_buckets bands of hashes_per_bucket hashes.
@@ -67,7 +68,7 @@ from datatrove.utils.hashing import HashConfig
 from data_contracts.config import DedupConfig, DedupRayConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
-from tasks.dedup import (
+from tasks.dedup_common import (
     EvalCarver,
     Removal,
     can_hold_out,
@@ -116,7 +117,7 @@ class ShingleSignature(MinhashDedupSignature):
     def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
         """The bands of the in-process MinHash: datasketch's num_perm hash values, of which the
         first num_buckets x hashes_per_bucket, as MinHashLSH cuts them into bands."""
-        # Built as tasks.dedup does (MinHash.bulk, hashfunc=int): the permutations depend on
+        # Built as tasks.dedup_local does (MinHash.bulk, hashfunc=int): the permutations depend on
         # num_perm, not only on how many values are used.
         (mh,) = MinHash.bulk([shingles.ravel().tolist()], num_perm=self.num_perm, hashfunc=int)
         used = mh.hashvalues[: self.num_hashes].astype(self.config.hash_config.np_dtype)
@@ -430,7 +431,7 @@ def iter_clusters(paths: list[Path]) -> Iterator[list[Member]]:
 
 def decide_clusters(clusters: Iterable[list[Member]], eval_idx: set[int],
                     cfg: DedupConfig) -> tuple[dict[int, Removal], int, int]:
-    """Per cluster, tasks.dedup.decide with every kept member as a candidate: the removals by
+    """Per cluster, tasks.dedup_common.decide with every kept member as a candidate: the removals by
     stream position, each naming the id of the record it duplicates; and how many clusters
     and members there were."""
     removed: dict[int, Removal] = {}

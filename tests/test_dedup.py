@@ -14,15 +14,15 @@ from model_fixtures import write_stage_dir as _stage_dir
 from data_contracts.config import DedupConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message
-from tasks.dedup import (
-    _signatures,
+from tasks.dedup import run_dedup
+from tasks.dedup_common import (
     crc32_hash,
     exact_jaccard,
     normalize_for_matching,
-    run_dedup,
     shingle_hashes,
     shingles,
 )
+from tasks.dedup_local import signatures
 from tasks.io import read_records
 
 VOCAB = [f"w{i}" for i in range(400)] + "the a of to and in on for with data model".split()
@@ -215,7 +215,7 @@ def test_signatures_equal_datasketch_minhash_updated_per_shingle():
     # The stage hashes each shingle once (CRC-32) and feeds MinHash.bulk the integers; that must
     # be the very signature of the textbook MinHash(hashfunc=crc32_hash).update loop.
     recs = [("data", _chat(f"r{i}", _words(i, 60))) for i in range(3)]
-    for (_, rec), sig in zip(recs, _signatures(recs, NO_SPLIT), strict=True):
+    for (_, rec), sig in zip(recs, signatures(recs, NO_SPLIT), strict=True):
         mh = MinHash(num_perm=NO_SPLIT.num_perm, hashfunc=crc32_hash)
         norm = normalize_for_matching(rec.joined_text())
         for g in shingles(norm, NO_SPLIT.ngram):
