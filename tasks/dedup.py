@@ -54,7 +54,8 @@ def resolve_executor(input_path: str | Path, cfg: DedupConfig) -> tuple[DedupCon
 
 def run_dedup(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
               home: str | Path, seed: int = 42) -> Manifest:
-    """Split off held-out eval (or reuse it), remove exact/near duplicates and eval leaks."""
+    """Carve the held-out split (or reuse it), remove exact/near duplicates and train records
+    that leak held-out ones."""
     cfg, why = resolve_executor(input_path, cfg)
     if cfg.executor == "local":
         return run_dedup_local(input_path, out_dir, cfg, home=home, seed=seed,

@@ -53,7 +53,7 @@ class Signature:
 
     id: str
     origin: str  # "data" or "heldout": where the record was read from
-    evaluable: bool  # may be carved into the held-out split (see can_hold_out)
+    holdable: bool  # may be carved into the held-out split (see can_hold_out)
     key: bytes  # digest of the normalized text
     minhash: LeanMinHash | None  # None when candidates come from elsewhere (datatrove clusters)
     grams: np.ndarray  # sorted 32-bit hashes of its shingles, for the exact Jaccard (4 B each)
@@ -104,20 +104,20 @@ def text_sig(rid: str, text: str, ngram: int) -> Signature:
     return Signature(rid, "", False, exact_key(norm), None, shingle_hashes(shingles(norm, ngram)))
 
 
-class EvalCarver:
+class HeldoutCarver:
     """The held-out split, chosen as records stream past: chats and pairs ranked by
     sha256(seed:id), the first k taken. Only the eval_max best ranks are held, so a corpus of
     any size needs O(eval_max) memory."""
 
     def __init__(self, cfg: DedupConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
-        self.n_evaluable = 0
+        self.n_holdable = 0
         self._worst_first: list[tuple[int, int]] = []  # (-rank, -index): a max-heap of the best
 
-    def add(self, idx: int, rid: str, evaluable: bool) -> None:
-        if not evaluable:
+    def add(self, idx: int, rid: str, holdable: bool) -> None:
+        if not holdable:
             return
-        self.n_evaluable += 1
+        self.n_holdable += 1
         if self.cfg.eval_max == 0:
             return
         rank = int(hashlib.sha256(f"{self.seed}:{rid}".encode()).hexdigest(), 16)
@@ -129,19 +129,19 @@ class EvalCarver:
 
     def indices(self) -> set[int]:
         """Indices (stream positions) of the held-out records."""
-        if self.cfg.eval_fraction <= 0 or self.n_evaluable < 2:
+        if self.cfg.eval_fraction <= 0 or self.n_holdable < 2:
             return set()
-        k = min(self.cfg.eval_max, math.ceil(self.cfg.eval_fraction * self.n_evaluable),
-                self.n_evaluable - 1)
+        k = min(self.cfg.eval_max, math.ceil(self.cfg.eval_fraction * self.n_holdable),
+                self.n_holdable - 1)
         best = sorted((-r, -i) for r, i in self._worst_first)[:k]
         return {i for _, i in best}
 
 
-def carve_eval(sigs: list[Signature], cfg: DedupConfig, seed: int) -> set[int]:
+def carve_heldout(sigs: list[Signature], cfg: DedupConfig, seed: int) -> set[int]:
     """Indices of the held-out split: chats and pairs ranked by hash(seed, id), first k taken."""
-    carver = EvalCarver(cfg, seed)
+    carver = HeldoutCarver(cfg, seed)
     for i, s in enumerate(sigs):
-        carver.add(i, s.id, s.evaluable)
+        carver.add(i, s.id, s.holdable)
     return carver.indices()
 
 
@@ -193,32 +193,32 @@ def candidate_floor(cfg: DedupConfig) -> float:
     return min(cfg.candidate_threshold, cfg.threshold)
 
 
-def decide(sigs: list[Signature], eval_idx: set[int], cfg: DedupConfig, *,
+def decide(sigs: list[Signature], heldout_idx: set[int], cfg: DedupConfig, *,
            use_lsh: bool = True) -> dict[int, Decision]:
-    """Dedup the eval split, then train against eval (contamination) and against itself."""
+    """Dedup the held-out split, then train against it (eval contamination) and itself."""
     decisions: dict[int, Decision] = {}
-    evals, trains = _Index(cfg, use_lsh), _Index(cfg, use_lsh)
-    for i in sorted(eval_idx):
-        decisions[i] = evals.match(sigs[i])
+    heldout, train = _Index(cfg, use_lsh), _Index(cfg, use_lsh)
+    for i in sorted(heldout_idx):
+        decisions[i] = heldout.match(sigs[i])
         if decisions[i] is None:
-            evals.add(i, sigs[i])
+            heldout.add(i, sigs[i])
     for i in range(len(sigs)):
-        if i in eval_idx:
+        if i in heldout_idx:
             continue
-        hit = evals.match(sigs[i])
+        hit = heldout.match(sigs[i])
         if hit is not None:
             decisions[i] = ("eval_contamination", hit[1], hit[2])
             continue
-        decisions[i] = trains.match(sigs[i])
+        decisions[i] = train.match(sigs[i])
         if decisions[i] is None:
-            trains.add(i, sigs[i])
+            train.add(i, sigs[i])
     return decisions
 
 
 Removal = tuple[str, str, float]  # (kind, id of the record it duplicates, jaccard)
 
 
-def write_stage(input_path: str | Path, out_dir: str | Path, eval_idx: set[int],
+def write_stage(input_path: str | Path, out_dir: str | Path, heldout_idx: set[int],
                 removed: Mapping[int, Removal], *, digests: dict[str, str], config_digest: str,
                 info: dict, metrics: dict[str, float] | None = None) -> Manifest:
     """Pass 2 of every dedup path: stream the input again and write each record where its
@@ -235,11 +235,12 @@ def write_stage(input_path: str | Path, out_dir: str | Path, eval_idx: set[int],
             kinds[kind] += 1
             writer.duplicate(item, dup_of=dup_of, kind=kind, jaccard=round(jaccard, 4))
         else:
-            writer.keep(item, split="eval" if idx in eval_idx else "train")
+            # "eval": the manifest's name of the held-out split (heldout-*.jsonl.gz)
+            writer.keep(item, split="eval" if idx in heldout_idx else "train")
         idx += 1
     stage_metrics = {f"dedup.{k}": float(kinds[k]) for k in ("exact", "near", "eval_contamination")}
-    logger.info("dedup: %d records, eval %s (%d), removed %s", idx, info.get("heldout"),
-                len(eval_idx), dict(kinds))
+    logger.info("dedup: %d records, held-out %s (%d), removed %s", idx, info.get("heldout"),
+                len(heldout_idx), dict(kinds))
     return writer.finish(idx + writer.manifest.quarantined, input_digests=digests,
                          config_digest=config_digest, metrics={**stage_metrics, **(metrics or {})},
                          info=info)

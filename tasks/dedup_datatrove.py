@@ -69,7 +69,7 @@ from data_contracts.config import DedupConfig, DedupRayConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
 from tasks.dedup_common import (
-    EvalCarver,
+    HeldoutCarver,
     Removal,
     can_hold_out,
     candidate_floor,
@@ -257,7 +257,7 @@ def _export(input_path: str | Path, work: WorkDir, cfg: DedupConfig,
             seed: int) -> tuple[set[int], bool]:
     """Write the records' texts as cfg.tasks shards (round-robin by stream position) and choose
     the held-out split as they pass: (held-out positions, reused an existing split?)."""
-    carver = EvalCarver(cfg, seed)
+    carver = HeldoutCarver(cfg, seed)
     heldout: set[int] = set()
     work.shards.mkdir(parents=True, exist_ok=True)
     files = [gzip.open(work.shards / f"{r:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=1)
@@ -429,7 +429,7 @@ def iter_clusters(paths: list[Path]) -> Iterator[list[Member]]:
             yield sorted(members)
 
 
-def decide_clusters(clusters: Iterable[list[Member]], eval_idx: set[int],
+def decide_clusters(clusters: Iterable[list[Member]], heldout_idx: set[int],
                     cfg: DedupConfig) -> tuple[dict[int, Removal], int, int]:
     """Per cluster, tasks.dedup_common.decide with every kept member as a candidate: the removals by
     stream position, each naming the id of the record it duplicates; and how many clusters
@@ -439,8 +439,8 @@ def decide_clusters(clusters: Iterable[list[Member]], eval_idx: set[int],
     for members in clusters:
         n_clusters, n_members = n_clusters + 1, n_members + len(members)
         sigs = [text_sig(rid, text, cfg.ngram) for _, rid, text in members]
-        local_eval = {j for j, (idx, _, _) in enumerate(members) if idx in eval_idx}
-        for j, decision in decide(sigs, local_eval, cfg, use_lsh=False).items():
+        local_heldout = {j for j, (idx, _, _) in enumerate(members) if idx in heldout_idx}
+        for j, decision in decide(sigs, local_heldout, cfg, use_lsh=False).items():
             if decision is not None:
                 kind, kept, jaccard = decision
                 removed[members[j][0]] = (kind, members[kept][1], jaccard)
@@ -458,15 +458,15 @@ def run_dedup_datatrove(input_path: str | Path, out_dir: str | Path, cfg: DedupC
     key = hashlib.sha256(json.dumps([digests, config_digest, cfg.tasks], sort_keys=True)
                          .encode()).hexdigest()[:12]
     work = work_dir(cfg, out_dir, key)
-    eval_idx, reused = _export(input_path, work, cfg, seed)
+    heldout_idx, reused = _export(input_path, work, cfg, seed)
     t0 = time.monotonic()
     facts = run_datatrove(cfg, work)
     datatrove_s = time.monotonic() - t0
     parts, dropped = partition_clusters(work)
-    removed, n_clusters, n_members = decide_clusters(iter_clusters(parts), eval_idx, cfg)
+    removed, n_clusters, n_members = decide_clusters(iter_clusters(parts), heldout_idx, cfg)
     mh = minhash_config(cfg)
     manifest = write_stage(
-        input_path, out_dir, eval_idx, removed, digests=digests, config_digest=config_digest,
+        input_path, out_dir, heldout_idx, removed, digests=digests, config_digest=config_digest,
         info={"heldout": "reused" if reused else "carved", "seed": seed,
               "executor": cfg.executor, "executor_choice": executor_choice, "tasks": cfg.tasks,
               "minhash": f"{mh.num_buckets} buckets x {mh.hashes_per_bucket} hashes", **facts},

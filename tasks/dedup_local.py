@@ -14,7 +14,7 @@ from data_contracts.records import ChatSample
 from tasks.dedup_common import (
     Signature,
     can_hold_out,
-    carve_eval,
+    carve_heldout,
     decide,
     exact_key,
     normalize_for_matching,
@@ -61,11 +61,11 @@ def run_dedup_local(input_path: str | Path, out_dir: str | Path, cfg: DedupConfi
     records = ((o, r) for o, r in stream_input(input_path) if isinstance(r, ChatSample))
     sigs = list(signatures(records, cfg))
     reused = any(s.origin == "heldout" for s in sigs)
-    eval_idx = ({i for i, s in enumerate(sigs) if s.origin == "heldout"} if reused
-                else carve_eval(sigs, cfg, seed))
-    decisions = decide(sigs, eval_idx, cfg)
+    heldout_idx = ({i for i, s in enumerate(sigs) if s.origin == "heldout"} if reused
+                else carve_heldout(sigs, cfg, seed))
+    decisions = decide(sigs, heldout_idx, cfg)
     removed = {i: (d[0], sigs[d[1]].id, d[2]) for i, d in decisions.items() if d is not None}
-    return write_stage(input_path, out_dir, eval_idx, removed, digests=digests,
+    return write_stage(input_path, out_dir, heldout_idx, removed, digests=digests,
                        config_digest=f"{cdig}:seed={seed}",
                        info={"heldout": "reused" if reused else "carved", "seed": seed,
                              "executor": cfg.executor, "executor_choice": executor_choice})
