@@ -16,7 +16,7 @@ from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
 from tasks.dedup_common import stream_input
 from tasks.dedup_local import run_dedup_local
-from tasks.io import is_stage_dir
+from tasks.io import input_digests, is_stage_dir, up_to_date
 from tasks.wrap import prefect_task
 
 logger = logging.getLogger(__name__)
@@ -57,14 +57,19 @@ def run_dedup(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
     """Carve the held-out split (or reuse it), remove exact/near duplicates and train records
     that leak held-out ones."""
     cfg, why = resolve_executor(input_path, cfg)
+    digests = input_digests(input_path)
+    config_digest = f"{cfg.digest()}:seed={seed}"
+    if up_to_date(out_dir, digests, config_digest):
+        return Manifest.read(out_dir)
     if cfg.executor == "local":
-        return run_dedup_local(input_path, out_dir, cfg, home=home, seed=seed,
-                               executor_choice=why)
-    # Imported here, one way: datatrove (and Ray) cost seconds of imports the local path skips.
-    from tasks.dedup_datatrove import run_dedup_datatrove
+        engine = run_dedup_local
+    else:
+        # Imported here, one way: datatrove and Ray cost seconds of imports the local path skips.
+        from tasks.dedup_datatrove import run_dedup_datatrove
 
-    return run_dedup_datatrove(input_path, out_dir, cfg, home=home, seed=seed,
-                               executor_choice=why)
+        engine = run_dedup_datatrove
+    return engine(input_path, out_dir, cfg, seed=seed, digests=digests,
+                  config_digest=config_digest, executor_choice=why)
 
 
 # The Prefect task (tasks/wrap.py): `from tasks.dedup import dedup_task`, built on first use.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from datasketch import LeanMinHash, MinHashLSH
+from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from data_contracts.config import DedupConfig
 from data_contracts.manifest import Manifest
@@ -70,6 +70,14 @@ def crc32_hash(shingle: bytes) -> int:
     return zlib.crc32(shingle)
 
 
+def minhashes(grams: list[np.ndarray], num_perm: int) -> list[MinHash]:
+    """datasketch's MinHash of each record's shingle hashes, as both engines compute it, so that
+    datatrove's buckets are the in-process LSH bands. The shingles are hashed already: int()
+    hands their CRC-32 to MinHash as is. MinHash.bulk's permutations depend on num_perm, not
+    only on how many values are used."""
+    return MinHash.bulk([g.tolist() for g in grams], num_perm=num_perm, hashfunc=int)
+
+
 def can_hold_out(rec: ChatSample) -> bool:
     """Chats and preference pairs can be held out (evaluation scores their replies); plain
     text has no reply to score and always stays in training."""
@@ -97,24 +105,35 @@ def stream_input(input_path: str | Path | list[str]
             yield "heldout", rec
 
 
+def match_form(text: str, ngram: int) -> tuple[bytes, np.ndarray]:
+    """What matching compares of a text, in either engine: its exact key and its sorted shingle
+    hashes (normalized, word n-grams, CRC-32)."""
+    norm = normalize_for_matching(text)
+    return exact_key(norm), shingle_hashes(shingles(norm, ngram))
+
+
 def text_sig(rid: str, text: str, ngram: int) -> Signature:
     """A record's exact key and shingle hashes without a MinHash: for records whose candidate
     duplicates were found elsewhere (datatrove's clusters)."""
-    norm = normalize_for_matching(text)
-    return Signature(rid, "", False, exact_key(norm), None, shingle_hashes(shingles(norm, ngram)))
+    key, grams = match_form(text, ngram)
+    return Signature(rid, "", False, key, None, grams)
 
 
 class HeldoutCarver:
-    """The held-out split, chosen as records stream past: chats and pairs ranked by
-    sha256(seed:id), the first k taken. Only the eval_max best ranks are held, so a corpus of
-    any size needs O(eval_max) memory."""
+    """The held-out split, chosen as records stream past: the input's own held-out split when
+    it has one (origin "heldout"), else chats and pairs ranked by sha256(seed:id), the first k
+    taken. Only the eval_max best ranks are held, so a corpus of any size needs O(eval_max)
+    memory."""
 
     def __init__(self, cfg: DedupConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
         self.n_holdable = 0
+        self.reused: set[int] = set()  # positions of the input's held-out records
         self._worst_first: list[tuple[int, int]] = []  # (-rank, -index): a max-heap of the best
 
-    def add(self, idx: int, rid: str, holdable: bool) -> None:
+    def add(self, idx: int, origin: str, rid: str, holdable: bool) -> None:
+        if origin == "heldout":
+            self.reused.add(idx)
         if not holdable:
             return
         self.n_holdable += 1
@@ -127,22 +146,17 @@ class HeldoutCarver:
         elif item > self._worst_first[0]:
             heapq.heapreplace(self._worst_first, item)
 
-    def indices(self) -> set[int]:
-        """Indices (stream positions) of the held-out records."""
+    def split(self) -> tuple[set[int], bool]:
+        """Indices (stream positions) of the held-out records, and whether they are the input's
+        own held-out split (reused) rather than carved."""
+        if self.reused:
+            return self.reused, True
         if self.cfg.eval_fraction <= 0 or self.n_holdable < 2:
-            return set()
+            return set(), False
         k = min(self.cfg.eval_max, math.ceil(self.cfg.eval_fraction * self.n_holdable),
                 self.n_holdable - 1)
         best = sorted((-r, -i) for r, i in self._worst_first)[:k]
-        return {i for _, i in best}
-
-
-def carve_heldout(sigs: list[Signature], cfg: DedupConfig, seed: int) -> set[int]:
-    """Indices of the held-out split: chats and pairs ranked by hash(seed, id), first k taken."""
-    carver = HeldoutCarver(cfg, seed)
-    for i, s in enumerate(sigs):
-        carver.add(i, s.id, s.holdable)
-    return carver.indices()
+        return {i for _, i in best}, False
 
 
 @dataclass
@@ -164,7 +178,7 @@ class _Index:
 
     def __post_init__(self) -> None:
         if self.use_lsh:
-            self.lsh = MinHashLSH(threshold=candidate_floor(self.cfg), num_perm=self.cfg.num_perm)
+            self.lsh = candidate_lsh(self.cfg)
 
     def match(self, sig: Signature) -> tuple[str, int, float] | None:
         """("exact"|"near", kept index, jaccard) when sig duplicates a kept record."""
@@ -191,6 +205,18 @@ Decision = tuple[str, int, float] | None  # (kind, dup_of index, jaccard), None 
 def candidate_floor(cfg: DedupConfig) -> float:
     """The estimated Jaccard down to which LSH proposes candidates for exact confirmation."""
     return min(cfg.candidate_threshold, cfg.threshold)
+
+
+def candidate_lsh(cfg: DedupConfig) -> MinHashLSH:
+    """An empty LSH banded for cfg (its b bands x r rows): the in-process candidate index, and
+    the banding datatrove's buckets copy."""
+    return MinHashLSH(threshold=candidate_floor(cfg), num_perm=cfg.num_perm)
+
+
+def stage_info(cfg: DedupConfig, *, seed: int, reused: bool, executor_choice: str) -> dict:
+    """What every engine records in the manifest's info (`heldout`: reused or carved)."""
+    return {"heldout": "reused" if reused else "carved", "seed": seed,
+            "executor": cfg.executor, "executor_choice": executor_choice}
 
 
 def decide(sigs: list[Signature], heldout_idx: set[int], cfg: DedupConfig, *,

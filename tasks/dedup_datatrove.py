@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 from datatrove.data import DocumentsPipeline
 from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
 from datatrove.executor.base import PipelineExecutor
@@ -72,16 +71,15 @@ from tasks.dedup_common import (
     HeldoutCarver,
     Removal,
     can_hold_out,
-    candidate_floor,
+    candidate_lsh,
     decide,
-    normalize_for_matching,
-    shingle_hashes,
-    shingles,
+    match_form,
+    minhashes,
+    stage_info,
     stream_input,
     text_sig,
     write_stage,
 )
-from tasks.io import input_digests, up_to_date
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +88,14 @@ Member = tuple[int, str, str]  # (stream position, record id, text) of one clust
 
 def minhash_config(cfg: DedupConfig) -> MinhashConfig:
     """datatrove's LSH for cfg: num_perm as the bands x rows datasketch uses in process."""
-    lsh = MinHashLSH(threshold=candidate_floor(cfg), num_perm=cfg.num_perm)
+    lsh = candidate_lsh(cfg)
     return MinhashConfig(n_grams=cfg.ngram, num_buckets=lsh.b, hashes_per_bucket=lsh.r,
                          hash_config=HashConfig(precision=32))  # datasketch's hash width
 
 
 class ShingleSignature(MinhashDedupSignature):
-    """datatrove's signature step on ftflow's shingles (normalize_for_matching, word n-grams,
-    CRC-32) and the in-process MinHash of them.
+    """datatrove's signature step on ftflow's shingles (tasks.dedup_common.match_form) and the
+    in-process MinHash of them.
 
     The shingles are the sets the exact Jaccard is computed on, so exact duplicates always
     share every bucket; and a text shorter than n words is one shingle (datatrove's own
@@ -111,15 +109,13 @@ class ShingleSignature(MinhashDedupSignature):
         self.num_perm = num_perm
 
     def get_shingles(self, text: str) -> np.ndarray:
-        grams = shingle_hashes(shingles(normalize_for_matching(text), self.config.n_grams))
+        _, grams = match_form(text, self.config.n_grams)
         return grams.astype(np.uint64).reshape(-1, 1)
 
     def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
         """The bands of the in-process MinHash: datasketch's num_perm hash values, of which the
         first num_buckets x hashes_per_bucket, as MinHashLSH cuts them into bands."""
-        # Built as tasks.dedup_local does (MinHash.bulk, hashfunc=int): the permutations depend on
-        # num_perm, not only on how many values are used.
-        (mh,) = MinHash.bulk([shingles.ravel().tolist()], num_perm=self.num_perm, hashfunc=int)
+        (mh,) = minhashes([shingles.ravel()], self.num_perm)  # as the in-process engine does
         used = mh.hashvalues[: self.num_hashes].astype(self.config.hash_config.np_dtype)
         return [band.tolist() for band in np.split(used, self.config.num_buckets)]
 
@@ -258,7 +254,6 @@ def _export(input_path: str | Path, work: WorkDir, cfg: DedupConfig,
     """Write the records' texts as cfg.tasks shards (round-robin by stream position) and choose
     the held-out split as they pass: (held-out positions, reused an existing split?)."""
     carver = HeldoutCarver(cfg, seed)
-    heldout: set[int] = set()
     work.shards.mkdir(parents=True, exist_ok=True)
     files = [gzip.open(work.shards / f"{r:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=1)
              for r in range(cfg.tasks)]
@@ -267,9 +262,7 @@ def _export(input_path: str | Path, work: WorkDir, cfg: DedupConfig,
         for origin, rec in stream_input(input_path):
             if not isinstance(rec, ChatSample):
                 continue
-            carver.add(idx, rec.id, can_hold_out(rec))
-            if origin == "heldout":
-                heldout.add(idx)
+            carver.add(idx, origin, rec.id, can_hold_out(rec))
             # datatrove's reader skips empty texts; " " normalizes to "" like an empty one.
             doc = {"id": str(idx), "text": rec.joined_text() or " ", "rid": rec.id}
             files[idx % cfg.tasks].write(json.dumps(doc, ensure_ascii=False) + "\n")
@@ -277,7 +270,7 @@ def _export(input_path: str | Path, work: WorkDir, cfg: DedupConfig,
     finally:
         for fh in files:
             fh.close()
-    return (heldout, True) if heldout else (carver.indices(), False)
+    return carver.split()
 
 
 def _prepare_filter_inputs(work: WorkDir, tasks: int) -> None:
@@ -448,13 +441,10 @@ def decide_clusters(clusters: Iterable[list[Member]], heldout_idx: set[int],
 
 
 def run_dedup_datatrove(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
-                        home: str | Path, seed: int = 42,
-                        executor_choice: str = "configured") -> Manifest:
-    """run_dedup on datatrove's MinHash pipeline, run by the executor cfg.executor names."""
-    digests = input_digests(input_path)
-    config_digest = f"{cfg.digest()}:seed={seed}"
-    if up_to_date(out_dir, digests, config_digest):
-        return Manifest.read(out_dir)
+                        seed: int, digests: dict[str, str], config_digest: str,
+                        executor_choice: str) -> Manifest:
+    """run_dedup on datatrove's MinHash pipeline, run by the executor cfg.executor names.
+    Called by tasks.dedup.run_dedup once it has found the stage directory out of date."""
     key = hashlib.sha256(json.dumps([digests, config_digest, cfg.tasks], sort_keys=True)
                          .encode()).hexdigest()[:12]
     work = work_dir(cfg, out_dir, key)
@@ -467,8 +457,8 @@ def run_dedup_datatrove(input_path: str | Path, out_dir: str | Path, cfg: DedupC
     mh = minhash_config(cfg)
     manifest = write_stage(
         input_path, out_dir, heldout_idx, removed, digests=digests, config_digest=config_digest,
-        info={"heldout": "reused" if reused else "carved", "seed": seed,
-              "executor": cfg.executor, "executor_choice": executor_choice, "tasks": cfg.tasks,
+        info={**stage_info(cfg, seed=seed, reused=reused, executor_choice=executor_choice),
+              "tasks": cfg.tasks,
               "minhash": f"{mh.num_buckets} buckets x {mh.hashes_per_bucket} hashes", **facts},
         metrics={"dedup.clusters": float(n_clusters),
                  "dedup.cluster_members": float(n_members),
