@@ -3,13 +3,14 @@
     .venv/bin/python benchmarks/bench_dedup.py [--share 0.7] [--repeats 3]
 
 Source: the long descriptions in the venv's installed `*.dist-info/METADATA` files and the
-docstrings of Python's standard library, split into paragraphs of >= 50 words, exact-deduplicated, then pruned so that no two source paragraphs
-share a true word-5-gram Jaccard >= 0.3. Near duplicates are planted by editing words
-(replace / delete / insert) until the exact 5-gram Jaccard with the original (the stage's own
-`normalize` + `shingles`) falls in a target band. Ground truth for every record is its best
-exact Jaccard with any earlier record. Throughput compares, on the same file, a bare
-read-parse-write pass (the ceiling), `run_dedup`, and a naive datasketch loop
-(`MinHash()` + `update` per shingle, `MinHashLSH.insert` / `query`). Prints a markdown report.
+docstrings of Python's standard library, split into paragraphs of >= 50 words,
+exact-deduplicated, then pruned so that no two source paragraphs share a true word-5-gram
+Jaccard >= 0.3. Near duplicates are planted by editing words (replace / delete / insert) until
+the exact 5-gram Jaccard with the original (the stage's own `normalize_for_matching` +
+`shingles`) falls in a target band. Ground truth for every record is its best exact Jaccard
+with any earlier record. Throughput compares, on the same file, a bare read-parse-write pass
+(the ceiling), `run_dedup`, and a naive datasketch loop (`MinHash()` + `update` per shingle,
+`MinHashLSH.insert` / `query`). Prints a markdown report.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ sys.path.insert(0, str(REPO))
 from datasketch import MinHash, MinHashLSH  # noqa: E402
 
 from data_contracts.config import DedupConfig  # noqa: E402
-from tasks.dedup import normalize, run_dedup, shingles  # noqa: E402
+from tasks.dedup import run_dedup  # noqa: E402
+from tasks.dedup_common import normalize_for_matching, shingles  # noqa: E402
 from tasks.io import iter_input  # noqa: E402
 from tasks.stage_dir import StageWriter  # noqa: E402
 from common import bare_pass  # noqa: E402  (benchmarks/common.py)
@@ -51,7 +53,7 @@ def jaccard(a: set, b: set) -> float:
 
 
 def sh(text: str) -> set[bytes]:
-    return shingles(normalize(text), NGRAM)
+    return shingles(normalize_for_matching(text), NGRAM)
 
 
 def docstring_paragraphs(min_words: int) -> list[str]:
@@ -94,7 +96,7 @@ def source_paragraphs(min_words: int = 50) -> list[str]:
     paras += docstring_paragraphs(min_words)
     seen, unique = set(), []
     for p in paras:
-        key = normalize(p)
+        key = normalize_for_matching(p)
         if key not in seen:
             seen.add(key)
             unique.append(p)
@@ -133,7 +135,8 @@ def plant(words: list[str], band: tuple[float, float], vocab: list[str],
         j = jaccard(orig, sh(" ".join(cur)))
         if j < lo:
             return None
-        if j < hi and normalize(" ".join(cur)) != normalize(" ".join(words)):
+        if j < hi and (normalize_for_matching(" ".join(cur))
+                       != normalize_for_matching(" ".join(words))):
             return cur
     return None
 
@@ -183,7 +186,7 @@ def naive_pass(src: Path, out: Path, cfg: DedupConfig) -> set[str]:
     for rec in iter_input(str(src)):
         n += 1
         mh = MinHash(num_perm=cfg.num_perm)
-        for g in shingles(normalize(rec.joined_text()), cfg.ngram):
+        for g in shingles(normalize_for_matching(rec.joined_text()), cfg.ngram):
             mh.update(g)
         best = max(((mh.jaccard(hashes[k]), k) for k in lsh.query(mh)), default=(0.0, ""))
         if best[0] >= cfg.threshold:

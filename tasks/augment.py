@@ -40,7 +40,8 @@ LEAK_PATTERNS = [
 LEAK_RE = re.compile("|".join(LEAK_PATTERNS), re.IGNORECASE | re.MULTILINE)
 
 
-def _normalise(text: str) -> str:
+def _normalize_for_copy_check(text: str) -> str:
+    """Lower-cased, whitespace collapsed: the form in which a reply is compared to its prompt."""
     return " ".join(text.lower().split())
 
 
@@ -85,7 +86,7 @@ def validate_generation(text: str | None, prompt: str, cfg: AugmentConfig,
     wratio = word_token_ratio(text)
     if wratio < cfg.min_word_token_ratio:
         return f"not fluent text: {wratio:.2f} of tokens are words < {cfg.min_word_token_ratio}"
-    gen, ask = _normalise(text), _normalise(prompt)
+    gen, ask = _normalize_for_copy_check(text), _normalize_for_copy_check(prompt)
     if ask and (gen == ask or gen.startswith(ask)):
         return "copies the prompt"
     return None

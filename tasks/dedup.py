@@ -1,235 +1,28 @@
-"""Stage 3: carve the held-out split, drop exact and MinHash near duplicates, decontaminate."""
+"""Stage 3: carve the held-out split, drop exact and MinHash near duplicates, decontaminate.
+
+The stage entry: run_dedup resolves `dedup.executor` (auto: by the input's size) and hands the
+input to an engine, in process (tasks.dedup_local) or datatrove's MinHash pipeline on local
+processes, Ray or Slurm (tasks.dedup_datatrove). Both match, decide and write through
+tasks.dedup_common, so they produce the same stage directory.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import logging
-import math
-import re
-import zlib
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from data_contracts.config import DedupConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
-from tasks.io import Quarantined, is_stage_dir, iter_input, read_records
+from tasks.dedup_common import stream_input
+from tasks.dedup_local import run_dedup_local
+from tasks.io import is_stage_dir
 from tasks.stage_dir import StageDir
 
 logger = logging.getLogger(__name__)
 
-BATCH = 1024  # records per MinHash.bulk call
-_PUNCT = re.compile(r"[^\w\s]")
 
-
-def normalize(text: str) -> str:
-    """Lowercase, drop punctuation, collapse whitespace: the form exact dedup compares."""
-    return " ".join(_PUNCT.sub("", text.lower()).split())
-
-
-def shingles(normalized: str, n: int) -> set[bytes]:
-    """Word n-grams; a text shorter than n words is one shingle."""
-    words = normalized.split()
-    if len(words) <= n:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
-
-
-@dataclass
-class _Sig:
-    """What dedup needs of one record; the records themselves are re-read when writing."""
-
-    id: str
-    origin: str  # "data" or "heldout": where the record was read from
-    evaluable: bool  # may be carved into the held-out split (see can_hold_out)
-    key: bytes  # digest of the normalized text
-    minhash: LeanMinHash | None  # None when candidates come from elsewhere (datatrove clusters)
-    grams: np.ndarray  # sorted 32-bit hashes of its shingles, for the exact Jaccard (4 B each)
-
-
-def shingle_hashes(grams: set[bytes]) -> np.ndarray:
-    """Sorted unique CRC-32 of each shingle: deterministic, and ~10x cheaper than datasketch's
-    default sha1_hash32 (same 32-bit width, so no more collisions than MinHash already has)."""
-    return np.unique(np.fromiter(map(zlib.crc32, grams), dtype=np.uint32, count=len(grams)))
-
-
-def crc32_hash(shingle: bytes) -> int:
-    """The shingle hash as a datasketch `hashfunc`: MinHash(hashfunc=crc32_hash) == ours."""
-    return zlib.crc32(shingle)
-
-
-def can_hold_out(rec: ChatSample) -> bool:
-    """Chats and preference pairs can be held out (evaluation scores their replies); plain
-    text has no reply to score and always stays in training."""
-    return rec.kind in ("chat", "preference")
-
-
-def exact_key(normalized: str) -> bytes:
-    """Digest of a normalized text: records with equal keys are exact duplicates."""
-    return hashlib.blake2b(normalized.encode(), digest_size=16).digest()
-
-
-def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """Jaccard of two shingle-hash sets (sorted, unique)."""
-    inter = np.intersect1d(a, b, assume_unique=True).size
-    return inter / (a.size + b.size - inter)
-
-
-def stream_input(input_path: str | Path | list[str]
-                 ) -> Iterator[tuple[str, ChatSample | Quarantined]]:
-    """Every input item in a fixed order: train records (data-*), then the held-out split."""
-    for item in iter_input(input_path):
-        yield "data", item
-    if not isinstance(input_path, list) and is_stage_dir(input_path):
-        for rec in read_records(input_path, "heldout"):
-            yield "heldout", rec
-
-
-def _signatures(items: Iterable[tuple[str, ChatSample]], cfg: DedupConfig) -> Iterator[_Sig]:
-    batch: list[tuple[str, ChatSample]] = []
-
-    def flush() -> Iterator[_Sig]:
-        norms = [normalize(rec.joined_text()) for _, rec in batch]
-        grams = [shingle_hashes(shingles(t, cfg.ngram)) for t in norms]
-        # The shingles are hashed already: int() hands their CRC-32 to MinHash as is.
-        hashes = MinHash.bulk([g.tolist() for g in grams], num_perm=cfg.num_perm, hashfunc=int)
-        for (origin, rec), norm, mh, g in zip(batch, norms, hashes, grams, strict=True):
-            yield _Sig(rec.id, origin, can_hold_out(rec), exact_key(norm), LeanMinHash(mh), g)
-
-    for item in items:
-        batch.append(item)
-        if len(batch) >= BATCH:
-            yield from flush()
-            batch = []
-    if batch:
-        yield from flush()
-
-
-def text_sig(rid: str, text: str, ngram: int) -> _Sig:
-    """A record's exact key and shingle hashes without a MinHash: for records whose candidate
-    duplicates were found elsewhere (datatrove's clusters)."""
-    norm = normalize(text)
-    return _Sig(rid, "", False, exact_key(norm), None, shingle_hashes(shingles(norm, ngram)))
-
-
-class EvalCarver:
-    """The held-out split, chosen as records stream past: chats and pairs ranked by
-    sha256(seed:id), the first k taken. Only the eval_max best ranks are held, so a corpus of
-    any size needs O(eval_max) memory."""
-
-    def __init__(self, cfg: DedupConfig, seed: int) -> None:
-        self.cfg, self.seed = cfg, seed
-        self.n_evaluable = 0
-        self._worst_first: list[tuple[int, int]] = []  # (-rank, -index): a max-heap of the best
-
-    def add(self, idx: int, rid: str, evaluable: bool) -> None:
-        if not evaluable:
-            return
-        self.n_evaluable += 1
-        if self.cfg.eval_max == 0:
-            return
-        rank = int(hashlib.sha256(f"{self.seed}:{rid}".encode()).hexdigest(), 16)
-        item = (-rank, -idx)
-        if len(self._worst_first) < self.cfg.eval_max:
-            heapq.heappush(self._worst_first, item)
-        elif item > self._worst_first[0]:
-            heapq.heapreplace(self._worst_first, item)
-
-    def indices(self) -> set[int]:
-        """Indices (stream positions) of the held-out records."""
-        if self.cfg.eval_fraction <= 0 or self.n_evaluable < 2:
-            return set()
-        k = min(self.cfg.eval_max, math.ceil(self.cfg.eval_fraction * self.n_evaluable),
-                self.n_evaluable - 1)
-        best = sorted((-r, -i) for r, i in self._worst_first)[:k]
-        return {i for _, i in best}
-
-
-def carve_eval(sigs: list[_Sig], cfg: DedupConfig, seed: int) -> set[int]:
-    """Indices of the held-out split: chats and pairs ranked by hash(seed, id), first k taken."""
-    carver = EvalCarver(cfg, seed)
-    for i, s in enumerate(sigs):
-        carver.add(i, s.id, s.evaluable)
-    return carver.indices()
-
-
-@dataclass
-class _Index:
-    """The kept records of one split: exact keys, an LSH over their MinHashes for candidates
-    and their shingle hashes to confirm each candidate with the exact Jaccard.
-
-    A MinHash estimate alone misses true pairs just above the threshold (its error at 128
-    permutations is about +-0.03), and an LSH tuned to the threshold misses more.
-    With use_lsh=False every kept record is a candidate: for the members of one datatrove
-    cluster, whose candidates were found already.
-    """
-
-    cfg: DedupConfig
-    use_lsh: bool = True
-    exact: dict[bytes, int] = field(default_factory=dict)
-    grams: dict[int, np.ndarray] = field(default_factory=dict)
-    lsh: MinHashLSH | None = None
-
-    def __post_init__(self) -> None:
-        if self.use_lsh:
-            self.lsh = MinHashLSH(threshold=candidate_floor(self.cfg), num_perm=self.cfg.num_perm)
-
-    def match(self, sig: _Sig) -> tuple[str, int, float] | None:
-        """("exact"|"near", kept index, jaccard) when sig duplicates a kept record."""
-        if sig.key in self.exact:
-            return "exact", self.exact[sig.key], 1.0
-        best: tuple[int, float] | None = None
-        candidates = self.lsh.query(sig.minhash) if self.lsh is not None else self.grams
-        for idx in sorted(candidates):  # sorted: ties go to the first seen
-            j = exact_jaccard(sig.grams, self.grams[idx])
-            if j >= self.cfg.threshold and (best is None or j > best[1]):
-                best = (idx, j)
-        return ("near", best[0], best[1]) if best else None
-
-    def add(self, idx: int, sig: _Sig) -> None:
-        self.exact[sig.key] = idx
-        self.grams[idx] = sig.grams
-        if self.lsh is not None:
-            self.lsh.insert(idx, sig.minhash)
-
-
-Decision = tuple[str, int, float] | None  # (kind, dup_of index, jaccard), None = keep
-
-
-def candidate_floor(cfg: DedupConfig) -> float:
-    """The estimated Jaccard down to which LSH proposes candidates for exact confirmation."""
-    return min(cfg.candidate_threshold, cfg.threshold)
-
-
-def decide(sigs: list[_Sig], eval_idx: set[int], cfg: DedupConfig, *,
-           use_lsh: bool = True) -> dict[int, Decision]:
-    """Dedup the eval split, then train against eval (contamination) and against itself."""
-    decisions: dict[int, Decision] = {}
-    evals, trains = _Index(cfg, use_lsh), _Index(cfg, use_lsh)
-    for i in sorted(eval_idx):
-        decisions[i] = evals.match(sigs[i])
-        if decisions[i] is None:
-            evals.add(i, sigs[i])
-    for i in range(len(sigs)):
-        if i in eval_idx:
-            continue
-        hit = evals.match(sigs[i])
-        if hit is not None:
-            decisions[i] = ("eval_contamination", hit[1], hit[2])
-            continue
-        decisions[i] = trains.match(sigs[i])
-        if decisions[i] is None:
-            trains.add(i, sigs[i])
-    return decisions
-
-
-def _records_over(input_path: str | Path, limit: int) -> tuple[bool, int]:
+def records_over(input_path: str | Path, limit: int) -> tuple[bool, int]:
     """Whether the input holds more than ``limit`` records, and how many were seen to tell.
 
     A stage directory's manifest says at once; other input is read until the limit is passed.
@@ -250,7 +43,7 @@ def resolve_executor(input_path: str | Path, cfg: DedupConfig) -> tuple[DedupCon
     """``executor: auto`` made concrete for this input: (config, why)."""
     if cfg.executor != "auto":
         return cfg, "configured"
-    over, n = _records_over(input_path, cfg.local_max_records)
+    over, n = records_over(input_path, cfg.local_max_records)
     executor = "datatrove" if over else "local"
     count = f"at least {n:,}" if over else f"{n:,}"
     why = (f"auto: {count} records {'>' if over else '<='} local_max_records "
@@ -261,54 +54,17 @@ def resolve_executor(input_path: str | Path, cfg: DedupConfig) -> tuple[DedupCon
 
 def run_dedup(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
               home: str | Path, seed: int = 42) -> Manifest:
-    """Split off held-out eval (or reuse it), remove exact/near duplicates and eval leaks."""
+    """Carve the held-out split (or reuse it), remove exact/near duplicates and train records
+    that leak held-out ones."""
     cfg, why = resolve_executor(input_path, cfg)
-    if cfg.executor != "local":
-        from tasks.dedup_datatrove import run_dedup_datatrove
-
-        return run_dedup_datatrove(input_path, out_dir, cfg, home=home, seed=seed,
-                                   executor_choice=why)
     stage = StageDir(out_dir, "dedup", f"{cfg.digest()}:seed={seed}", input_path)
     if (done := stage.finished()) is not None:
         return done
-    # Pass 1: signatures only, so memory holds MinHashes, not records.
-    records = ((o, r) for o, r in stream_input(input_path) if isinstance(r, ChatSample))
-    sigs = list(_signatures(records, cfg))
-    reused = any(s.origin == "heldout" for s in sigs)
-    eval_idx = ({i for i, s in enumerate(sigs) if s.origin == "heldout"} if reused
-                else carve_eval(sigs, cfg, seed))
-    decisions = decide(sigs, eval_idx, cfg)
-    removed = {i: (d[0], sigs[d[1]].id, d[2]) for i, d in decisions.items() if d is not None}
-    return write_stage(input_path, stage, eval_idx, removed,
-                       info={"heldout": "reused" if reused else "carved", "seed": seed,
-                             "executor": cfg.executor, "executor_choice": why})
+    if cfg.executor == "local":
+        engine = run_dedup_local
+    else:
+        # Imported here, one way: datatrove and Ray cost seconds of imports the local path skips.
+        from tasks.dedup_datatrove import run_dedup_datatrove
 
-
-Removal = tuple[str, str, float]  # (kind, id of the record it duplicates, jaccard)
-
-
-def write_stage(input_path: str | Path, stage: StageDir, eval_idx: set[int],
-                removed: Mapping[int, Removal], *, info: dict,
-                metrics: dict[str, float] | None = None) -> Manifest:
-    """Pass 2 of every dedup path: stream the input again and write each record where its
-    decision (by stream position) sends it: held-out, train, or deduplicated naming dup_of."""
-    writer = stage.writer()
-    kinds: Counter[str] = Counter()
-    idx = 0
-    for _, item in stream_input(input_path):
-        if isinstance(item, Quarantined):
-            writer.quarantine(item)
-            continue
-        if idx in removed:
-            kind, dup_of, jaccard = removed[idx]
-            kinds[kind] += 1
-            writer.duplicate(item, dup_of=dup_of, kind=kind, jaccard=round(jaccard, 4))
-        else:
-            writer.keep(item, split="eval" if idx in eval_idx else "train")
-        idx += 1
-    stage_metrics = {f"dedup.{k}": float(kinds[k]) for k in ("exact", "near", "eval_contamination")}
-    logger.info("dedup: %d records, eval %s (%d), removed %s", idx, info.get("heldout"),
-                len(eval_idx), dict(kinds))
-    return writer.finish(idx + writer.manifest.quarantined,
-                         metrics={**stage_metrics, **(metrics or {})},
-                         info=info)
+        engine = run_dedup_datatrove
+    return engine(input_path, stage, cfg, seed=seed, executor_choice=why)

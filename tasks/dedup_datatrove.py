@@ -14,9 +14,10 @@ datatrove's four MinHash steps on the executor `dedup.executor` names:
    (load_cluster_ids). Every doc that landed in a cluster is written out with its cluster id:
    the one datatrove keeps and those it drops.
 3. Driver: datatrove keeps each cluster's union-find root, and its clusters are transitive
-   (A~B and B~C put A and C together). So each cluster is replayed through tasks.dedup.decide:
-   held-out first, first seen kept, each member confirmed by the exact Jaccard against the kept
-   ones. A removed record thus names the record it truly duplicates, as in process.
+   (A~B and B~C put A and C together). So each cluster is replayed through
+   tasks.dedup_common.decide: held-out first, first seen kept, each member confirmed by the exact
+   Jaccard against the kept ones. A removed record thus names the record it truly duplicates, as
+   in process.
 4. Driver: stream the input again and write the stage through StageWriter.
 
 num_perm -> MinhashConfig: datatrove's LSH is num_buckets bands of hashes_per_bucket hashes.
@@ -48,7 +49,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 from datatrove.data import DocumentsPipeline
 from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
 from datatrove.executor.base import PipelineExecutor
@@ -67,15 +67,15 @@ from datatrove.utils.hashing import HashConfig
 from data_contracts.config import DedupConfig, DedupRayConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
-from tasks.dedup import (
-    EvalCarver,
+from tasks.dedup_common import (
+    HeldoutCarver,
     Removal,
     can_hold_out,
-    candidate_floor,
+    candidate_lsh,
     decide,
-    normalize,
-    shingle_hashes,
-    shingles,
+    match_form,
+    minhashes,
+    stage_info,
     stream_input,
     text_sig,
     write_stage,
@@ -89,14 +89,14 @@ Member = tuple[int, str, str]  # (stream position, record id, text) of one clust
 
 def minhash_config(cfg: DedupConfig) -> MinhashConfig:
     """datatrove's LSH for cfg: num_perm as the bands x rows datasketch uses in process."""
-    lsh = MinHashLSH(threshold=candidate_floor(cfg), num_perm=cfg.num_perm)
+    lsh = candidate_lsh(cfg)
     return MinhashConfig(n_grams=cfg.ngram, num_buckets=lsh.b, hashes_per_bucket=lsh.r,
                          hash_config=HashConfig(precision=32))  # datasketch's hash width
 
 
 class ShingleSignature(MinhashDedupSignature):
-    """datatrove's signature step on ftflow's shingles (normalize, word n-grams, CRC-32) and
-    the in-process MinHash of them.
+    """datatrove's signature step on ftflow's shingles (tasks.dedup_common.match_form) and the
+    in-process MinHash of them.
 
     The shingles are the sets the exact Jaccard is computed on, so exact duplicates always
     share every bucket; and a text shorter than n words is one shingle (datatrove's own
@@ -110,15 +110,13 @@ class ShingleSignature(MinhashDedupSignature):
         self.num_perm = num_perm
 
     def get_shingles(self, text: str) -> np.ndarray:
-        grams = shingle_hashes(shingles(normalize(text), self.config.n_grams))
+        _, grams = match_form(text, self.config.n_grams)
         return grams.astype(np.uint64).reshape(-1, 1)
 
     def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
         """The bands of the in-process MinHash: datasketch's num_perm hash values, of which the
         first num_buckets x hashes_per_bucket, as MinHashLSH cuts them into bands."""
-        # Built as tasks.dedup does (MinHash.bulk, hashfunc=int): the permutations depend on
-        # num_perm, not only on how many values are used.
-        (mh,) = MinHash.bulk([shingles.ravel().tolist()], num_perm=self.num_perm, hashfunc=int)
+        (mh,) = minhashes([shingles.ravel()], self.num_perm)  # as the in-process engine does
         used = mh.hashvalues[: self.num_hashes].astype(self.config.hash_config.np_dtype)
         return [band.tolist() for band in np.split(used, self.config.num_buckets)]
 
@@ -256,8 +254,7 @@ def _export(input_path: str | Path, work: WorkDir, cfg: DedupConfig,
             seed: int) -> tuple[set[int], bool]:
     """Write the records' texts as cfg.tasks shards (round-robin by stream position) and choose
     the held-out split as they pass: (held-out positions, reused an existing split?)."""
-    carver = EvalCarver(cfg, seed)
-    heldout: set[int] = set()
+    carver = HeldoutCarver(cfg, seed)
     work.shards.mkdir(parents=True, exist_ok=True)
     files = [gzip.open(work.shards / f"{r:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=1)
              for r in range(cfg.tasks)]
@@ -266,9 +263,7 @@ def _export(input_path: str | Path, work: WorkDir, cfg: DedupConfig,
         for origin, rec in stream_input(input_path):
             if not isinstance(rec, ChatSample):
                 continue
-            carver.add(idx, rec.id, can_hold_out(rec))
-            if origin == "heldout":
-                heldout.add(idx)
+            carver.add(idx, origin, rec.id, can_hold_out(rec))
             # datatrove's reader skips empty texts; " " normalizes to "" like an empty one.
             doc = {"id": str(idx), "text": rec.joined_text() or " ", "rid": rec.id}
             files[idx % cfg.tasks].write(json.dumps(doc, ensure_ascii=False) + "\n")
@@ -276,7 +271,7 @@ def _export(input_path: str | Path, work: WorkDir, cfg: DedupConfig,
     finally:
         for fh in files:
             fh.close()
-    return (heldout, True) if heldout else (carver.indices(), False)
+    return carver.split()
 
 
 def _prepare_filter_inputs(work: WorkDir, tasks: int) -> None:
@@ -428,9 +423,9 @@ def iter_clusters(paths: list[Path]) -> Iterator[list[Member]]:
             yield sorted(members)
 
 
-def decide_clusters(clusters: Iterable[list[Member]], eval_idx: set[int],
+def decide_clusters(clusters: Iterable[list[Member]], heldout_idx: set[int],
                     cfg: DedupConfig) -> tuple[dict[int, Removal], int, int]:
-    """Per cluster, tasks.dedup.decide with every kept member as a candidate: the removals by
+    """Per cluster, tasks.dedup_common.decide with every kept member as a candidate: the removals by
     stream position, each naming the id of the record it duplicates; and how many clusters
     and members there were."""
     removed: dict[int, Removal] = {}
@@ -438,35 +433,32 @@ def decide_clusters(clusters: Iterable[list[Member]], eval_idx: set[int],
     for members in clusters:
         n_clusters, n_members = n_clusters + 1, n_members + len(members)
         sigs = [text_sig(rid, text, cfg.ngram) for _, rid, text in members]
-        local_eval = {j for j, (idx, _, _) in enumerate(members) if idx in eval_idx}
-        for j, decision in decide(sigs, local_eval, cfg, use_lsh=False).items():
+        local_heldout = {j for j, (idx, _, _) in enumerate(members) if idx in heldout_idx}
+        for j, decision in decide(sigs, local_heldout, cfg, use_lsh=False).items():
             if decision is not None:
                 kind, kept, jaccard = decision
                 removed[members[j][0]] = (kind, members[kept][1], jaccard)
     return removed, n_clusters, n_members
 
 
-def run_dedup_datatrove(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
-                        home: str | Path, seed: int = 42,
-                        executor_choice: str = "configured") -> Manifest:
-    """run_dedup on datatrove's MinHash pipeline, run by the executor cfg.executor names."""
-    stage = StageDir(out_dir, "dedup", f"{cfg.digest()}:seed={seed}", input_path)
-    if (done := stage.finished()) is not None:
-        return done
-    key = hashlib.sha256(json.dumps([stage.digests, stage.config_digest, cfg.tasks], sort_keys=True)
-                         .encode()).hexdigest()[:12]
-    work = work_dir(cfg, out_dir, key)
-    eval_idx, reused = _export(input_path, work, cfg, seed)
+def run_dedup_datatrove(input_path: str | Path, stage: StageDir, cfg: DedupConfig, *,
+                        seed: int, executor_choice: str) -> Manifest:
+    """run_dedup on datatrove's MinHash pipeline, run by the executor cfg.executor names.
+    Called by tasks.dedup.run_dedup once it has found the stage directory out of date."""
+    key = hashlib.sha256(json.dumps([stage.digests, stage.config_digest, cfg.tasks],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    work = work_dir(cfg, stage.dir, key)
+    heldout_idx, reused = _export(input_path, work, cfg, seed)
     t0 = time.monotonic()
     facts = run_datatrove(cfg, work)
     datatrove_s = time.monotonic() - t0
     parts, dropped = partition_clusters(work)
-    removed, n_clusters, n_members = decide_clusters(iter_clusters(parts), eval_idx, cfg)
+    removed, n_clusters, n_members = decide_clusters(iter_clusters(parts), heldout_idx, cfg)
     mh = minhash_config(cfg)
     manifest = write_stage(
-        input_path, stage, eval_idx, removed,
-        info={"heldout": "reused" if reused else "carved", "seed": seed,
-              "executor": cfg.executor, "executor_choice": executor_choice, "tasks": cfg.tasks,
+        input_path, stage, heldout_idx, removed,
+        info={**stage_info(cfg, seed=seed, reused=reused, executor_choice=executor_choice),
+              "tasks": cfg.tasks,
               "minhash": f"{mh.num_buckets} buckets x {mh.hashes_per_bucket} hashes", **facts},
         metrics={"dedup.clusters": float(n_clusters),
                  "dedup.cluster_members": float(n_members),

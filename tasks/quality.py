@@ -43,7 +43,7 @@ class QualityModelError(ValueError):
     """Training data or a model file that cannot give a usable classifier; says why."""
 
 
-def normalize(text: str) -> str:
+def normalize_for_fasttext(text: str) -> str:
     """One lower-cased line of space-separated tokens: fastText reads one example per line."""
     return " ".join(TOKEN.findall(text.lower()))
 
@@ -51,8 +51,8 @@ def normalize(text: str) -> str:
 def quality_text(rec: ChatSample) -> str:
     """What the classifier judges: the record as trained on (a pair's prompt + chosen)."""
     if not rec.messages:
-        return normalize(rec.text or "")
-    return normalize(" ".join(m.content for m in rec.conversation()))
+        return normalize_for_fasttext(rec.text or "")
+    return normalize_for_fasttext(" ".join(m.content for m in rec.conversation()))
 
 
 @dataclass

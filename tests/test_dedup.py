@@ -14,15 +14,15 @@ from model_fixtures import write_stage_dir as _stage_dir
 from data_contracts.config import DedupConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message
-from tasks.dedup import (
-    _signatures,
+from tasks.dedup import run_dedup
+from tasks.dedup_common import (
     crc32_hash,
     exact_jaccard,
-    normalize,
-    run_dedup,
+    normalize_for_matching,
     shingle_hashes,
     shingles,
 )
+from tasks.dedup_local import signatures
 from tasks.io import read_records
 
 VOCAB = [f"w{i}" for i in range(400)] + "the a of to and in on for with data model".split()
@@ -56,7 +56,7 @@ NO_SPLIT = DedupConfig(eval_fraction=0.0)
 
 
 def test_normalize_and_short_text_shingles():
-    assert normalize("  Hello,   WORLD!\n It's  me. ") == "hello world its me"
+    assert normalize_for_matching("  Hello,   WORLD!\n It's  me. ") == "hello world its me"
     assert shingles("a b c", 5) == {b"a b c"}
     assert len(shingles(" ".join("abcdefg"), 5)) == 3
 
@@ -177,7 +177,7 @@ def _edited(seed: int, n_changes: int) -> tuple[list[str], list[str]]:
 
 def _true_jaccard(a: list[str], b: list[str]) -> float:
     """Exact 5-gram Jaccard of the two records as the stage sees them (joined chat text)."""
-    sa, sb = (shingles(normalize(_chat("x", w).joined_text()), 5) for w in (a, b))
+    sa, sb = (shingles(normalize_for_matching(_chat("x", w).joined_text()), 5) for w in (a, b))
     return len(sa & sb) / len(sa | sb)
 
 
@@ -185,7 +185,7 @@ def _estimate(a: list[str], b: list[str]) -> float:
     """The MinHash estimate of the same, as the stage computes it (128 permutations, CRC-32)."""
     ma, mb = (MinHash(num_perm=128, hashfunc=crc32_hash) for _ in range(2))
     for mh, words in ((ma, a), (mb, b)):
-        for g in shingles(normalize(_chat("x", words).joined_text()), 5):
+        for g in shingles(normalize_for_matching(_chat("x", words).joined_text()), 5):
             mh.update(g)
     return ma.jaccard(mb)
 
@@ -215,9 +215,10 @@ def test_signatures_equal_datasketch_minhash_updated_per_shingle():
     # The stage hashes each shingle once (CRC-32) and feeds MinHash.bulk the integers; that must
     # be the very signature of the textbook MinHash(hashfunc=crc32_hash).update loop.
     recs = [("data", _chat(f"r{i}", _words(i, 60))) for i in range(3)]
-    for (_, rec), sig in zip(recs, _signatures(recs, NO_SPLIT), strict=True):
+    for (_, rec), sig in zip(recs, signatures(recs, NO_SPLIT), strict=True):
         mh = MinHash(num_perm=NO_SPLIT.num_perm, hashfunc=crc32_hash)
-        for g in shingles(normalize(rec.joined_text()), NO_SPLIT.ngram):
+        norm = normalize_for_matching(rec.joined_text())
+        for g in shingles(norm, NO_SPLIT.ngram):
             mh.update(g)
         assert (sig.minhash.hashvalues == mh.hashvalues).all()
-        assert sig.grams.size == len(shingles(normalize(rec.joined_text()), NO_SPLIT.ngram))
+        assert sig.grams.size == len(shingles(norm, NO_SPLIT.ngram))

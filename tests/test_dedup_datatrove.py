@@ -21,7 +21,9 @@ from test_dedup import _chat, _edited, _ids, _removed, _words
 from data_contracts.config import ConfigError, DedupConfig, DedupRayConfig, load_config
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message
-from tasks.dedup import _records_over, _signatures, candidate_floor, resolve_executor, run_dedup
+from tasks.dedup import records_over, resolve_executor, run_dedup
+from tasks.dedup_common import candidate_floor
+from tasks.dedup_local import signatures
 from tasks.dedup_datatrove import ShingleSignature, minhash_config
 
 # Carves a held-out split, so train copies of held-out records become eval_contamination.
@@ -89,7 +91,7 @@ def test_datatrove_buckets_are_the_in_process_lsh_bands(cfg: DedupConfig, tmp_pa
     step = ShingleSignature(str(tmp_path), minhash_config(cfg), cfg.num_perm)
     recs = [("data", _chat(f"r{i}", _words(i, 60))) for i in range(3)]
     recs.append(("data", ChatSample(id="short", text="Hi!")))
-    for (_, rec), sig in zip(recs, _signatures(recs, cfg), strict=True):
+    for (_, rec), sig in zip(recs, signatures(recs, cfg), strict=True):
         bands = step.get_signature(step.get_shingles(rec.joined_text()))
         assert bands == [sig.minhash.hashvalues[lo:hi].tolist() for lo, hi in lsh.hashranges]
 
@@ -242,8 +244,8 @@ def test_auto_reads_raw_input_only_until_the_limit_is_passed(tmp_path: Path):
     raw.write_text("".join(json.dumps({"id": f"c{i}", "messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": f"reply {i}"}]})
         + "\n" for i in range(50)))
-    assert _records_over(raw, 10) == (True, 11)
-    assert _records_over(raw, 50) == (False, 50)
+    assert records_over(raw, 10) == (True, 11)
+    assert records_over(raw, 50) == (False, 50)
     cfg, why = resolve_executor(raw, DedupConfig(local_max_records=10))
     assert cfg.executor == "datatrove" and why.startswith("auto: at least 11 records")
     assert resolve_executor(raw, DedupConfig(executor="local"))[0].executor == "local"

@@ -1,0 +1,273 @@
+"""Stage 3, whatever engine finds the candidate pairs: the one definition of a match and of the
+stage's output, so that the in-process engine (tasks.dedup_local) and datatrove's
+(tasks.dedup_datatrove) remove the same records, naming the same kept ones.
+
+Here: the text form records are matched on (normalize_for_matching, word shingles and their
+CRC-32), the exact key and exact Jaccard, the held-out carve, the decisions (exact, near,
+eval contamination; every candidate confirmed by the exact Jaccard), the input stream with
+each record's origin, and write_stage, which writes the stage directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import logging
+import math
+import re
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from datasketch import LeanMinHash, MinHash, MinHashLSH
+
+from data_contracts.config import DedupConfig
+from data_contracts.manifest import Manifest
+from data_contracts.records import ChatSample
+from tasks.io import Quarantined, is_stage_dir, iter_input, read_records
+from tasks.stage_dir import StageDir
+
+logger = logging.getLogger(__name__)
+
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalize_for_matching(text: str) -> str:
+    """Lowercase, drop punctuation, collapse whitespace: the form exact dedup compares."""
+    return " ".join(_PUNCT.sub("", text.lower()).split())
+
+
+def shingles(normalized: str, n: int) -> set[bytes]:
+    """Word n-grams; a text shorter than n words is one shingle."""
+    words = normalized.split()
+    if len(words) <= n:
+        return {" ".join(words).encode()}
+    return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
+
+
+@dataclass
+class Signature:
+    """What dedup needs of one record; the records themselves are re-read when writing."""
+
+    id: str
+    origin: str  # "data" or "heldout": where the record was read from
+    holdable: bool  # may be carved into the held-out split (see can_hold_out)
+    key: bytes  # digest of the normalized text
+    minhash: LeanMinHash | None  # None when candidates come from elsewhere (datatrove clusters)
+    grams: np.ndarray  # sorted 32-bit hashes of its shingles, for the exact Jaccard (4 B each)
+
+
+def shingle_hashes(grams: set[bytes]) -> np.ndarray:
+    """Sorted unique CRC-32 of each shingle: deterministic, and ~10x cheaper than datasketch's
+    default sha1_hash32 (same 32-bit width, so no more collisions than MinHash already has)."""
+    return np.unique(np.fromiter(map(zlib.crc32, grams), dtype=np.uint32, count=len(grams)))
+
+
+def crc32_hash(shingle: bytes) -> int:
+    """The shingle hash as a datasketch `hashfunc`: MinHash(hashfunc=crc32_hash) == ours."""
+    return zlib.crc32(shingle)
+
+
+def minhashes(grams: list[np.ndarray], num_perm: int) -> list[MinHash]:
+    """datasketch's MinHash of each record's shingle hashes, as both engines compute it, so that
+    datatrove's buckets are the in-process LSH bands. The shingles are hashed already: int()
+    hands their CRC-32 to MinHash as is. MinHash.bulk's permutations depend on num_perm, not
+    only on how many values are used."""
+    return MinHash.bulk([g.tolist() for g in grams], num_perm=num_perm, hashfunc=int)
+
+
+def can_hold_out(rec: ChatSample) -> bool:
+    """Chats and preference pairs can be held out (evaluation scores their replies); plain
+    text has no reply to score and always stays in training."""
+    return rec.kind in ("chat", "preference")
+
+
+def exact_key(normalized: str) -> bytes:
+    """Digest of a normalized text: records with equal keys are exact duplicates."""
+    return hashlib.blake2b(normalized.encode(), digest_size=16).digest()
+
+
+def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard of two shingle-hash sets (sorted, unique)."""
+    inter = np.intersect1d(a, b, assume_unique=True).size
+    return inter / (a.size + b.size - inter)
+
+
+def stream_input(input_path: str | Path | list[str]
+                 ) -> Iterator[tuple[str, ChatSample | Quarantined]]:
+    """Every input item in a fixed order: train records (data-*), then the held-out split."""
+    for item in iter_input(input_path):
+        yield "data", item
+    if not isinstance(input_path, list) and is_stage_dir(input_path):
+        for rec in read_records(input_path, "heldout"):
+            yield "heldout", rec
+
+
+def match_form(text: str, ngram: int) -> tuple[bytes, np.ndarray]:
+    """What matching compares of a text, in either engine: its exact key and its sorted shingle
+    hashes (normalized, word n-grams, CRC-32)."""
+    norm = normalize_for_matching(text)
+    return exact_key(norm), shingle_hashes(shingles(norm, ngram))
+
+
+def text_sig(rid: str, text: str, ngram: int) -> Signature:
+    """A record's exact key and shingle hashes without a MinHash: for records whose candidate
+    duplicates were found elsewhere (datatrove's clusters)."""
+    key, grams = match_form(text, ngram)
+    return Signature(rid, "", False, key, None, grams)
+
+
+class HeldoutCarver:
+    """The held-out split, chosen as records stream past: the input's own held-out split when
+    it has one (origin "heldout"), else chats and pairs ranked by sha256(seed:id), the first k
+    taken. Only the eval_max best ranks are held, so a corpus of any size needs O(eval_max)
+    memory."""
+
+    def __init__(self, cfg: DedupConfig, seed: int) -> None:
+        self.cfg, self.seed = cfg, seed
+        self.n_holdable = 0
+        self.reused: set[int] = set()  # positions of the input's held-out records
+        self._worst_first: list[tuple[int, int]] = []  # (-rank, -index): a max-heap of the best
+
+    def add(self, idx: int, origin: str, rid: str, holdable: bool) -> None:
+        if origin == "heldout":
+            self.reused.add(idx)
+        if not holdable:
+            return
+        self.n_holdable += 1
+        if self.cfg.eval_max == 0:
+            return
+        rank = int(hashlib.sha256(f"{self.seed}:{rid}".encode()).hexdigest(), 16)
+        item = (-rank, -idx)
+        if len(self._worst_first) < self.cfg.eval_max:
+            heapq.heappush(self._worst_first, item)
+        elif item > self._worst_first[0]:
+            heapq.heapreplace(self._worst_first, item)
+
+    def split(self) -> tuple[set[int], bool]:
+        """Indices (stream positions) of the held-out records, and whether they are the input's
+        own held-out split (reused) rather than carved."""
+        if self.reused:
+            return self.reused, True
+        if self.cfg.eval_fraction <= 0 or self.n_holdable < 2:
+            return set(), False
+        k = min(self.cfg.eval_max, math.ceil(self.cfg.eval_fraction * self.n_holdable),
+                self.n_holdable - 1)
+        best = sorted((-r, -i) for r, i in self._worst_first)[:k]
+        return {i for _, i in best}, False
+
+
+@dataclass
+class _Index:
+    """The kept records of one split: exact keys, an LSH over their MinHashes for candidates
+    and their shingle hashes to confirm each candidate with the exact Jaccard.
+
+    A MinHash estimate alone misses true pairs just above the threshold (its error at 128
+    permutations is about +-0.03), and an LSH tuned to the threshold misses more.
+    With use_lsh=False every kept record is a candidate: for the members of one datatrove
+    cluster, whose candidates were found already.
+    """
+
+    cfg: DedupConfig
+    use_lsh: bool = True
+    exact: dict[bytes, int] = field(default_factory=dict)
+    grams: dict[int, np.ndarray] = field(default_factory=dict)
+    lsh: MinHashLSH | None = None
+
+    def __post_init__(self) -> None:
+        if self.use_lsh:
+            self.lsh = candidate_lsh(self.cfg)
+
+    def match(self, sig: Signature) -> tuple[str, int, float] | None:
+        """("exact"|"near", kept index, jaccard) when sig duplicates a kept record."""
+        if sig.key in self.exact:
+            return "exact", self.exact[sig.key], 1.0
+        best: tuple[int, float] | None = None
+        candidates = self.lsh.query(sig.minhash) if self.lsh is not None else self.grams
+        for idx in sorted(candidates):  # sorted: ties go to the first seen
+            j = exact_jaccard(sig.grams, self.grams[idx])
+            if j >= self.cfg.threshold and (best is None or j > best[1]):
+                best = (idx, j)
+        return ("near", best[0], best[1]) if best else None
+
+    def add(self, idx: int, sig: Signature) -> None:
+        self.exact[sig.key] = idx
+        self.grams[idx] = sig.grams
+        if self.lsh is not None:
+            self.lsh.insert(idx, sig.minhash)
+
+
+Decision = tuple[str, int, float] | None  # (kind, dup_of index, jaccard), None = keep
+
+
+def candidate_floor(cfg: DedupConfig) -> float:
+    """The estimated Jaccard down to which LSH proposes candidates for exact confirmation."""
+    return min(cfg.candidate_threshold, cfg.threshold)
+
+
+def candidate_lsh(cfg: DedupConfig) -> MinHashLSH:
+    """An empty LSH banded for cfg (its b bands x r rows): the in-process candidate index, and
+    the banding datatrove's buckets copy."""
+    return MinHashLSH(threshold=candidate_floor(cfg), num_perm=cfg.num_perm)
+
+
+def stage_info(cfg: DedupConfig, *, seed: int, reused: bool, executor_choice: str) -> dict:
+    """What every engine records in the manifest's info (`heldout`: reused or carved)."""
+    return {"heldout": "reused" if reused else "carved", "seed": seed,
+            "executor": cfg.executor, "executor_choice": executor_choice}
+
+
+def decide(sigs: list[Signature], heldout_idx: set[int], cfg: DedupConfig, *,
+           use_lsh: bool = True) -> dict[int, Decision]:
+    """Dedup the held-out split, then train against it (eval contamination) and itself."""
+    decisions: dict[int, Decision] = {}
+    heldout, train = _Index(cfg, use_lsh), _Index(cfg, use_lsh)
+    for i in sorted(heldout_idx):
+        decisions[i] = heldout.match(sigs[i])
+        if decisions[i] is None:
+            heldout.add(i, sigs[i])
+    for i in range(len(sigs)):
+        if i in heldout_idx:
+            continue
+        hit = heldout.match(sigs[i])
+        if hit is not None:
+            decisions[i] = ("eval_contamination", hit[1], hit[2])
+            continue
+        decisions[i] = train.match(sigs[i])
+        if decisions[i] is None:
+            train.add(i, sigs[i])
+    return decisions
+
+
+Removal = tuple[str, str, float]  # (kind, id of the record it duplicates, jaccard)
+
+
+def write_stage(input_path: str | Path, stage: StageDir, heldout_idx: set[int],
+                removed: Mapping[int, Removal], *, info: dict,
+                metrics: dict[str, float] | None = None) -> Manifest:
+    """Pass 2 of every dedup path: stream the input again and write each record where its
+    decision (by stream position) sends it: held-out, train, or deduplicated naming dup_of."""
+    writer = stage.writer()
+    kinds: Counter[str] = Counter()
+    idx = 0
+    for _, item in stream_input(input_path):
+        if isinstance(item, Quarantined):
+            writer.quarantine(item)
+            continue
+        if idx in removed:
+            kind, dup_of, jaccard = removed[idx]
+            kinds[kind] += 1
+            writer.duplicate(item, dup_of=dup_of, kind=kind, jaccard=round(jaccard, 4))
+        else:
+            # "eval": the manifest's name of the held-out split (heldout-*.jsonl.gz)
+            writer.keep(item, split="eval" if idx in heldout_idx else "train")
+        idx += 1
+    stage_metrics = {f"dedup.{k}": float(kinds[k]) for k in ("exact", "near", "eval_contamination")}
+    logger.info("dedup: %d records, held-out %s (%d), removed %s", idx, info.get("heldout"),
+                len(heldout_idx), dict(kinds))
+    return writer.finish(idx + writer.manifest.quarantined,
+                         metrics={**stage_metrics, **(metrics or {})},
+                         info=info)
