@@ -271,3 +271,62 @@ def write_stage(input_path: str | Path, stage: StageDir, heldout_idx: set[int],
     return writer.finish(idx + writer.manifest.quarantined,
                          metrics={**stage_metrics, **(metrics or {})},
                          info=info)
+
+
+INDEX_NAME = "dedup-index.npz"
+
+
+def save_index(path: Path, sigs: list[Signature], splits: list[str], cfg: DedupConfig) -> None:
+    """The kept records' signatures (ids, split, exact keys, shingle hashes, MinHashes): what a
+    later incremental run dedups its new records against without re-reading these records."""
+    offsets = np.cumsum([0] + [s.grams.size for s in sigs])
+    tmp = path.with_name(path.name + ".partial.npz")
+    np.savez_compressed(
+        tmp, ids=np.array([s.id for s in sigs], dtype=object),
+        splits=np.array(splits, dtype=object),
+        keys=np.array([s.key for s in sigs], dtype="S16"),
+        grams=np.concatenate([s.grams for s in sigs]) if sigs else np.zeros(0, np.uint32),
+        offsets=offsets,
+        minhashes=(np.stack([s.minhash.hashvalues for s in sigs]) if sigs
+                   else np.zeros((0, cfg.num_perm), np.uint64)),
+        params=np.array([cfg.ngram, cfg.num_perm]),
+        scheme=np.array(sigs[0].minhash.scheme if sigs else ""))
+    tmp.replace(path)
+
+
+class CorpusIndex:
+    """The curated corpus of earlier runs, as dedup sees it: new records that duplicate one of
+    its records are removed naming that record's id (an incremental run never re-reads it)."""
+
+    def __init__(self, cfg: DedupConfig) -> None:
+        self.cfg = cfg
+        self.ids: list[str] = []
+        self.heldout, self.train = _Index(cfg), _Index(cfg)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add_file(self, path: Path) -> None:
+        """Add one persisted index file (save_index) of the same ngram and num_perm."""
+        data = np.load(path, allow_pickle=True)
+        if tuple(data["params"]) != (self.cfg.ngram, self.cfg.num_perm):
+            raise ValueError(f"{path}: built with ngram/num_perm {tuple(data['params'])}, not "
+                             f"({self.cfg.ngram}, {self.cfg.num_perm}); rebuild the curated "
+                             "dataset with a full run")
+        offsets, scheme = data["offsets"], str(data["scheme"])
+        for j, (rid, split, key) in enumerate(zip(data["ids"], data["splits"], data["keys"])):
+            grams = data["grams"][offsets[j]:offsets[j + 1]]
+            mh = LeanMinHash(seed=1, hashvalues=data["minhashes"][j], scheme=scheme)
+            sig = Signature(str(rid), str(split), False, bytes(key), mh, grams)
+            index = self.heldout if split == "heldout" else self.train
+            index.add(len(self.ids), sig)
+            self.ids.append(str(rid))
+
+    def match(self, sig: Signature) -> "Removal | None":
+        """(kind, id of the corpus record, jaccard) when sig duplicates a corpus record; a match
+        with a held-out record is eval contamination."""
+        hit = self.heldout.match(sig)
+        if hit is not None:
+            return "eval_contamination", self.ids[hit[1]], hit[2]
+        hit = self.train.match(sig)
+        return (hit[0], self.ids[hit[1]], hit[2]) if hit is not None else None
