@@ -74,7 +74,8 @@ def _write_stage_dir(rows: list[dict], path: Path) -> None:
 # --- the two workers (each in its own process) -----------------------------------------------
 
 def _peak_rss_mb() -> float:
-    """The process's resident-set high-water mark so far (VmHWM), as tasks.train reports it.
+    """The process's resident-set high-water mark so far (VmHWM), as the stage reports it
+    (tasks/train_steps.py: peak_mem_mb).
 
     Read here rather than imported, so the trl worker does not load our stage (and Prefect).
     """

@@ -107,7 +107,7 @@ def worker_hf(model_dir: Path, src: Path, out: Path, seq: int, steps: int) -> di
                               DataCollatorForLanguageModeling, Trainer, TrainingArguments)
 
     from tasks.io import read_records
-    from tasks.train import peak_mem_mb
+    from tasks.train_steps import peak_mem_mb
 
     cuda = torch.cuda.is_available()
     compute = torch.bfloat16 if cuda else torch.float32

@@ -30,7 +30,7 @@ class Patch:
 
 PATCHES: tuple[Patch, ...] = (
     Patch(
-        "trl", "1.16.0", "tasks.train:_cpu_logprob_tiles",
+        "trl", "1.16.0", "tasks.train_steps:cpu_logprob_tiles",
         "sets trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE and trl.trainer.utils."
         "_CHUNKED_LOGPROB_CHUNK_SIZE / _use_triton while training on CPU, restored afterwards",
         "without Triton trl's fused LM head scores every position in 4096 x 32768 tiles "
@@ -39,7 +39,7 @@ PATCHES: tuple[Patch, ...] = (
         "tests/test_train.py::test_cpu_logprob_tiles_keep_trls_loss_and_gradients_in_smaller_tiles",
     ),
     Patch(
-        "trl", "1.16.0", "tasks.train:step_stats_callback",
+        "trl", "1.16.0", "tasks.train_steps:step_stats_callback",
         "reads the trainers' private _total_train_tokens (SFT, DPO) for train_tokens and "
         "tokens_per_s, and wraps trainer.training_step to count batches where it is absent (ORPO)",
         "trl keeps its token count in a private attribute; a rename would zero the token metrics "
@@ -47,7 +47,7 @@ PATCHES: tuple[Patch, ...] = (
         "tests/test_train.py::test_history_rows_carry_tokens_per_s_and_peak_memory",
     ),
     Patch(
-        "bitsandbytes", "0.50.2", "tasks.train:_keep_4bit_trainable",
+        "bitsandbytes", "0.50.2", "tasks.train_model:_keep_4bit_trainable",
         "sets support_avx512bf16_for_cpu = False on every Linear4bit",
         "on a CPU with AVX512-BF16 an eval forward without grad repacks 4-bit weights into an "
         "inference layout without autograd; LoRA gradients then come out ~10x too small",

@@ -35,16 +35,18 @@ def _worker(base: str, out: Path) -> None:
 
     from data_contracts.config import TrainConfig
     from model_fixtures import support_chats
-    from tasks.train import _count_linear4bit, _load_model, _prepare_tokenizer, _row
+    from tasks.chat_templates import prepare_tokenizer
+    from tasks.train_model import count_linear4bit, load_model
+    from tasks.train_sft import sft_row
 
     torch.set_num_threads(1)  # two processes share two cores
     cfg = TrainConfig(method="qlora", max_length=64)
-    tokenizer, _ = _prepare_tokenizer(base, cfg)
-    model, quantized, fallback = _load_model(base, cfg, cuda=False)
+    tokenizer, _ = prepare_tokenizer(base, cfg)
+    model, quantized, fallback = load_model(base, cfg, cuda=False)
     if quantized:
         model = prepare_kbit(model, use_gradient_checkpointing=False)
-    rows = [_row(r) for r in support_chats(N_TRAIN, seed=3)]
-    heldout = [_row(r) for r in support_chats(8, seed=4, prefix="h")]
+    rows = [sft_row(r) for r in support_chats(N_TRAIN, seed=3)]
+    heldout = [sft_row(r) for r in support_chats(8, seed=4, prefix="h")]
     args = SFTConfig(
         output_dir=str(out / "checkpoints"), max_length=64, max_steps=STEPS,
         per_device_train_batch_size=PER_DEVICE, per_device_eval_batch_size=4,
@@ -65,7 +67,7 @@ def _worker(base: str, out: Path) -> None:
     record = {
         "rank": trainer.args.process_index, "world_size": trainer.args.world_size,
         "should_save": trainer.args.should_save, "quantized": quantized,
-        "fallback_reason": fallback, "linear4bit": _count_linear4bit(trainer.model),
+        "fallback_reason": fallback, "linear4bit": count_linear4bit(trainer.model),
         "device": str(trainer.model.device), "epoch": state.epoch, "steps": state.global_step,
         "eval_losses": [h["eval_loss"] for h in state.log_history if "eval_loss" in h],
         "lora_abs_sums": {n.replace(".default", ""): float(p.detach().float().abs().sum())
@@ -251,7 +253,7 @@ def test_load_model_places_4bit_weights_for_the_launch(
     import torch
     import transformers
 
-    import tasks.train as train
+    import tasks.train_model as train_model
     from data_contracts.config import TrainConfig
 
     class Rank3:
@@ -264,7 +266,7 @@ def test_load_model_places_4bit_weights_for_the_launch(
 
     def from_pretrained(base: str, **kwargs: Any) -> Any:
         calls.append(kwargs)
-        raise RuntimeError("no GPU here")  # _load_model then falls back to unquantized
+        raise RuntimeError("no GPU here")  # load_model then falls back to unquantized
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "3")
@@ -273,10 +275,10 @@ def test_load_model_places_4bit_weights_for_the_launch(
     else:
         monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.setattr(accelerate, "PartialState", Rank3)
-    monkeypatch.setattr(train, "_compute_dtype", lambda cuda: torch.bfloat16)
+    monkeypatch.setattr(train_model, "compute_dtype", lambda cuda: torch.bfloat16)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     with pytest.raises(RuntimeError, match="no GPU here"):
-        train._load_model("unused", TrainConfig(method="qlora"), cuda=True)
+        train_model.load_model("unused", TrainConfig(method="qlora"), cuda=True)
     quantized = calls[0]
     bnb = quantized["quantization_config"]
     assert bnb.load_in_4bit and bnb.bnb_4bit_compute_dtype == torch.bfloat16

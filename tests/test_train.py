@@ -16,7 +16,9 @@ from data_contracts.config import LoraConfig, TrainConfig
 from data_contracts.records import ChatSample, Message
 from tasks.io import read_records
 from tasks.stage_dir import StageWriter
-from tasks.train import NAMED_TEMPLATES, _check_round_trip, _load_model, run_train
+from tasks.chat_templates import NAMED_TEMPLATES, check_round_trip
+from tasks.train import run_train
+from tasks.train_model import load_model
 
 TOPICS = ["password", "invoice", "refund", "delivery", "coupon", "account"]
 
@@ -164,9 +166,9 @@ def test_saved_chat_template_is_the_training_one(qlora_run):
     row = {"messages": [m.model_dump() for m in _chat(0).messages]}
     expected = base_tok.apply_chat_template(row["messages"], tokenize=True,
                                             return_dict=True)["input_ids"]
-    _check_round_trip(Path(manifest.info["merged_dir"]), row, list(expected), TrainConfig())
+    check_round_trip(Path(manifest.info["merged_dir"]), row, list(expected), TrainConfig())
     with pytest.raises(RuntimeError, match="round trip"):
-        _check_round_trip(Path(manifest.info["merged_dir"]), row, list(expected)[:-1] + [7],
+        check_round_trip(Path(manifest.info["merged_dir"]), row, list(expected)[:-1] + [7],
                           TrainConfig())
 
 
@@ -231,7 +233,7 @@ def test_4bit_layers_still_backpropagate_after_an_evaluation(session_home: Path)
     from tasks.base_model import resolve_base_model
 
     base = resolve_base_model("builtin:tiny-llama", session_home)
-    model, quantized, _ = _load_model(base, TrainConfig(), cuda=False)
+    model, quantized, _ = load_model(base, TrainConfig(), cuda=False)
     assert quantized
     model.eval()
     with torch.no_grad():
@@ -267,10 +269,10 @@ def test_cpu_logprob_tiles_keep_trls_loss_and_gradients_in_smaller_tiles(session
     from trl.trainer.utils import add_fused_lm_head
 
     from tasks.base_model import resolve_base_model
-    from tasks.train import CPU_LOGPROB_TOKENS, CPU_LOGPROB_VOCAB, _cpu_logprob_tiles
+    from tasks.train_steps import CPU_LOGPROB_TOKENS, CPU_LOGPROB_VOCAB, cpu_logprob_tiles
 
     base = resolve_base_model("builtin:tiny-llama", session_home)
-    model, _, _ = _load_model(base, TrainConfig(), cuda=False)
+    model, _, _ = load_model(base, TrainConfig(), cuda=False)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     model = get_peft_model(model, PeftLora(r=8, lora_alpha=16, target_modules="all-linear",
                                            lora_dropout=0.0, task_type="CAUSAL_LM"))
@@ -285,7 +287,7 @@ def test_cpu_logprob_tiles_keep_trls_loss_and_gradients_in_smaller_tiles(session
     def run(tiled: bool, record: bool = False):
         model.zero_grad()
         mode = _LargestTensor()
-        with _cpu_logprob_tiles(tiled), (mode if record else contextlib.nullcontext()):
+        with cpu_logprob_tiles(tiled), (mode if record else contextlib.nullcontext()):
             out = model(input_ids=ids, attention_mask=attention, labels=labels,
                         fused_lm_head=True)
             out.loss.backward()
@@ -321,7 +323,7 @@ def test_packed_sequences_do_not_attend_to_each_other(session_home: Path):
 
     base = resolve_base_model("builtin:tiny-llama", session_home)
     tok = AutoTokenizer.from_pretrained(base)
-    model, quantized, _ = _load_model(base, TrainConfig(), cuda=False)
+    model, quantized, _ = load_model(base, TrainConfig(), cuda=False)
     assert quantized
     first, second = (tok.apply_chat_template([m.model_dump() for m in _chat(i).messages],
                                              tokenize=True, return_dict=True)["input_ids"]
@@ -431,12 +433,12 @@ def test_history_rows_carry_tokens_per_s_and_peak_memory(qlora_run):
 
 def test_orpo_history_counts_tokens_from_the_batches(session_home: Path, tmp_path: Path):
     """ORPO logs no token count of its own: the callback counts the batches' attention masks."""
-    from tasks.train import _batch_tokens
+    from tasks.train_steps import batch_tokens
 
     batch = {"prompt_attention_mask": torch.ones(2, 3), "chosen_attention_mask": torch.ones(2, 5),
              "rejected_attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])}
-    assert _batch_tokens(batch) == 10 + 7  # chosen and rejected include the prompt
-    assert _batch_tokens({"attention_mask": torch.tensor([[1, 1, 0]])}) == 2
+    assert batch_tokens(batch) == 10 + 7  # chosen and rejected include the prompt
+    assert batch_tokens({"attention_mask": torch.tensor([[1, 1, 0]])}) == 2
     src = _stage_dir(tmp_path / "in", [_pair(i) for i in range(8)], [])
     m = run_train(src, tmp_path / "out", _fast_cfg(objective="orpo", max_steps=2, logging_steps=1),
                   home=session_home)
@@ -503,7 +505,7 @@ def test_named_chat_template_masks_saves_and_round_trips(name: str, session_home
     # The saved tokenizer renders the sample to the very ids training saw; an altered template
     # (a space before every reply) does not, and the check says so.
     row = {"messages": [msg.model_dump() for msg in first.messages]}
-    _check_round_trip(Path(m.info["merged_dir"]), row, list(seen["input_ids"]), cfg)
+    check_round_trip(Path(m.info["merged_dir"]), row, list(seen["input_ids"]), cfg)
     altered = tmp_path / "altered"
     altered.mkdir()
     for path in Path(m.info["merged_dir"]).iterdir():
@@ -513,14 +515,14 @@ def test_named_chat_template_masks_saves_and_round_trips(name: str, session_home
         template.replace("{% generation %}", "{% generation %}{{ ' ' }}"))
     assert AutoTokenizer.from_pretrained(altered).chat_template != template
     with pytest.raises(RuntimeError, match="round trip"):
-        _check_round_trip(altered, row, list(seen["input_ids"]), cfg)
+        check_round_trip(altered, row, list(seen["input_ids"]), cfg)
 
 
 def test_a_saved_template_that_renders_differently_fails_the_run(
         session_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import tasks.train as train_module
+    import tasks.train_common as train_common
 
-    merge = train_module._merge
+    merge = train_common.merge
 
     def merge_then_alter(*args: object, **kwargs: object) -> None:
         merge(*args, **kwargs)
@@ -529,7 +531,7 @@ def test_a_saved_template_that_renders_differently_fails_the_run(
         saved.write_text(saved.read_text().replace("{% generation %}",
                                                    "{% generation %}{{ '\\n' }}"))
 
-    monkeypatch.setattr(train_module, "_merge", merge_then_alter)
+    monkeypatch.setattr(train_common, "merge", merge_then_alter)
     src = _stage_dir(tmp_path / "in", [_chat(i) for i in range(4)], [])
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="round trip"):

@@ -14,8 +14,11 @@ from data_contracts.config import LoraConfig, TrainConfig
 from data_contracts.records import ChatSample, Message
 from model_fixtures import write_stage_dir
 from tasks.io import read_records
-from tasks.train import _check_round_trip
-from tasks.train_pref import run_train_pref
+from tasks.chat_templates import check_round_trip
+from tasks.train import run_train
+from tasks.stage_dir import StageDir
+from tasks.train_common import TrainJob
+from tasks.train_pref import train_pref
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -101,7 +104,7 @@ def dpo_run(session_home: Path, tmp_path_factory: pytest.TempPathFactory, torch_
     out = tmp / "out"
     # Without activation checkpointing (the ORPO and gradient tests keep it): ~25% faster here.
     cfg = _cfg(gradient_checkpointing=False)
-    return run_train_pref(src, out, cfg, home=session_home), src, out
+    return run_train(src, out, cfg, home=session_home), src, out
 
 
 def test_dpo_learns_to_prefer_the_chosen_form(dpo_run):
@@ -174,7 +177,7 @@ def test_adapter_and_merged_carry_the_chat_template(dpo_run):
 
 def test_unchanged_rerun_is_skipped(dpo_run, session_home: Path):
     manifest, src, out = dpo_run
-    again = run_train_pref(src, out, _cfg(gradient_checkpointing=False), home=session_home)
+    again = run_train(src, out, _cfg(gradient_checkpointing=False), home=session_home)
     assert again.started_at == manifest.started_at
 
 
@@ -183,7 +186,7 @@ def test_orpo_trains_saves_and_resumes(session_home: Path, tmp_path: Path):
     src = write_stage_dir(tmp_path / "in", train, [_pair(100, 6), _pair(101, 7)])
     out = tmp_path / "out"
     cfg = _cfg(objective="orpo", max_steps=4, batch_size=4, save_steps=2, eval_steps=4)
-    m = run_train_pref(src, out, cfg, home=session_home)
+    m = run_train(src, out, cfg, home=session_home)
     assert m.info["objective"] == "orpo" and m.info["reference_model"] is None
     assert m.info["quantized"] is True
     losses = [h["loss"] for h in _history(out) if "loss" in h]
@@ -195,14 +198,14 @@ def test_orpo_trains_saves_and_resumes(session_home: Path, tmp_path: Path):
 
     expected = AutoTokenizer.from_pretrained(m.info["base_model"]).apply_chat_template(
         row["messages"], tokenize=True, return_dict=True)["input_ids"]
-    _check_round_trip(out / "merged", row, list(expected), TrainConfig())
+    check_round_trip(out / "merged", row, list(expected), TrainConfig())
 
     # Killed after the step-4 checkpoint: a longer rerun continues from it.
     for name in ("manifest.json", "adapter", "merged"):
         p = out / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    resumed = run_train_pref(src, out, cfg.model_copy(update={"max_steps": 6}),
-                             home=session_home)
+    resumed = run_train(src, out, cfg.model_copy(update={"max_steps": 6}),
+                        home=session_home)
     assert resumed.info["resumed_from_step"] == 4 and resumed.metrics["steps_run"] == 2
     assert (out / "merged" / "model.safetensors").exists()
 
@@ -234,13 +237,15 @@ def test_4bit_gradients_after_evaluations_match_a_dequantized_copy(session_home:
     from transformers import AutoModelForCausalLM
 
     from tasks.base_model import resolve_base_model
-    from tasks.train import _adapter_to_fp32, _load_model, _prepare_tokenizer
-    from tasks.train_pref import _build_trainer, _pref_config
+    from tasks.chat_templates import prepare_tokenizer
+    from tasks.train_common import trainer_args
+    from tasks.train_model import adapter_to_fp32, load_model
+    from tasks.train_pref import build_pref_trainer, pref_config
 
     cfg = _cfg(max_steps=2, eval_steps=1, batch_size=4)
     base = resolve_base_model(cfg.base_model, session_home)
-    tokenizer, _ = _prepare_tokenizer(base, cfg)
-    model, quantized, _ = _load_model(base, cfg, cuda=False)
+    tokenizer, _ = prepare_tokenizer(base, cfg)
+    model, quantized, _ = load_model(base, cfg, cuda=False)
     assert quantized
     # The very same network in fp32: each 4-bit weight dequantized into a plain copy.
     plain = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -251,10 +256,10 @@ def test_4bit_gradients_after_evaluations_match_a_dequantized_copy(session_home:
                 module.weight.data, module.weight.quant_state).float()
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     pairs = [_pair(i, i % 6) for i in range(8)]
-    args = _pref_config(cfg, tmp_path / "ckpt", False, "adamw_torch", True, 0)
-    trainer = _build_trainer(cfg, model, args, tokenizer, pairs, pairs[:4], [])
+    args = pref_config(cfg, trainer_args(cfg, tmp_path / "ckpt", False, "adamw_torch", True, 0))
+    trainer = build_pref_trainer(cfg, model, args, tokenizer, pairs, pairs[:4], [])
     assert trainer.ref_model is None  # the reference is the base with the adapter disabled
-    _adapter_to_fp32(trainer.model)
+    adapter_to_fp32(trainer.model)
     trainer.train()  # evaluations at steps 0, 1 and 2 around two training steps
     trainer.evaluate()
 
@@ -280,8 +285,6 @@ def test_4bit_gradients_after_evaluations_match_a_dequantized_copy(session_home:
 
 def test_the_train_stage_trains_the_configured_objective(session_home: Path, tmp_path: Path):
     # What the pipeline and `ftflow stage train` call: train.objective picks DPO/ORPO there.
-    from tasks.train import run_train
-
     src = write_stage_dir(tmp_path / "in", [_pair(i, i % 6) for i in range(8)])
     m = run_train(src, tmp_path / "out", _cfg(objective="orpo", max_steps=2, batch_size=4,
                                              eval_steps=2), home=session_home)
@@ -292,4 +295,6 @@ def test_the_train_stage_trains_the_configured_objective(session_home: Path, tmp
 def test_sft_objective_is_not_a_preference_run(session_home: Path, tmp_path: Path):
     src = write_stage_dir(tmp_path / "in", [_pair(0, 0)])
     with pytest.raises(ValueError, match="objective"):
-        run_train_pref(src, tmp_path / "out", _cfg(objective="sft"), home=session_home)
+        cfg = _cfg(objective="sft")
+        stage = StageDir(tmp_path / "out", "train", cfg.digest(), src)
+        train_pref(TrainJob(src, tmp_path / "out", cfg, session_home, 42, stage))
