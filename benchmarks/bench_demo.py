@@ -37,6 +37,7 @@ def main() -> None:
     quiet_offline_env()
     t0 = time.monotonic()
     from flows.pipeline import finetune_pipeline
+    from tasks.stages import spec
 
     t_import = time.monotonic() - t0
     out = finetune_pipeline(config_path=str(REPO / "configs" / "demo.yaml"),
@@ -49,7 +50,7 @@ def main() -> None:
         print(f"| {name} | {m['duration_s']:.1f} | {m['records_in']} | {m['kept']} |")
     print(f"| imports | {t_import:.1f} | | |")
     print(f"| **total wall time** | **{total:.1f}** | | |")
-    ev = out["ledger"]["08-evaluate"]["metrics"]
+    ev = out["ledger"][spec("evaluate").name]["metrics"]
     for key in sorted(ev):
         if key.startswith("base."):
             name = key[5:]

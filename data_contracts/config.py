@@ -36,6 +36,7 @@ class StageTimeouts(_Section):
     ingest: float = Field(6 * 3600, gt=0)
     pii: float = Field(6 * 3600, gt=0)
     dedup: float = Field(6 * 3600, gt=0)
+    curate: float = Field(2 * 3600, gt=0)
     augment: float = Field(12 * 3600, gt=0)
     train: float = Field(72 * 3600, gt=0)
     evaluate: float = Field(6 * 3600, gt=0)
@@ -196,6 +197,15 @@ class DedupConfig(_Section):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class CurateConfig(_Section):
+    """The curated dataset in the ftflow home that training reads, versioned."""
+
+    dataset: str = ""  # its name under <home>/curated/; "": run.name
+    # A run on newly arrived files trains only once this many curated records have been added
+    # since the last version a run trained on; below it, the run ends after curation.
+    min_new_records: int = Field(50, ge=1)
+
+
 class TeacherConfig(_Section):
     kind: Literal["transformers", "openai"] = "transformers"
     model: str = "builtin:tiny-llama"  # a hub id, a local path, or builtin:tiny-llama
@@ -312,6 +322,7 @@ class PipelineConfig(BaseModel):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     pii: PiiConfig = Field(default_factory=PiiConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

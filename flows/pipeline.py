@@ -19,7 +19,9 @@ from prefect.runtime import flow_run
 from data_contracts.config import PipelineConfig, load_config
 from data_contracts.manifest import Manifest
 from flows.report import LEDGER_COLUMNS, ledger_markdown, ledger_rows, publish_artifacts
-from tasks.stages import STAGES, StageContext, StageSpec, spec, stage_task
+from flows.arrival import Arrivals
+from tasks.curate import mark_trained
+from tasks.stages import CURATION_END, STAGES, StageContext, StageSpec, spec, stage_task
 from tasks.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ class PipelineResult:
     tracking_uri: str
     experiment_id: str = ""
     manifests: dict[str, Manifest] = field(default_factory=dict)
+    trained: bool = True  # False: a run on new files that ended after curation
+    reason: str = ""  # why it trained or not (the curate stage's decision)
 
     @property
     def export(self) -> Manifest:
@@ -79,17 +83,27 @@ def _flow_run_url() -> str:
 def _description(result: PipelineResult) -> str:
     """What the run did, in a few lines: the MLflow run's description."""
     m = result.manifests
-    first, curated = m[STAGES[0].name], m[spec("train").reads[0]]
+    first, curated = m[STAGES[0].name], m[CURATION_END]
+    text = (f"ftflow run `{result.run_id}`: {first.records_in} input records; curated dataset "
+            f"version {curated.info.get('version')}: {curated.splits.get('train', 0)} records "
+            f"for training and {curated.splits.get('eval', 0)} held out.\n\n")
+    if not result.trained:
+        return text + f"Not trained: {result.reason}."
     ev, ex = result.evaluation, result.export
-    return (f"ftflow run `{result.run_id}`: {first.records_in} input records, "
-            f"{curated.splits.get('train', 0)} curated for training and "
-            f"{curated.splits.get('eval', 0)} held out.\n\n"
-            f"{ev.info.get('gate', 'no gate result')}\n\n"
+    return (text + f"{ev.info.get('gate', 'no gate result')}\n\n"
             f"Model: `{ex.info.get('model_uri', '-')}` ({ex.info.get('reason', '')})")
 
 
-def run_pipeline(cfg: PipelineConfig, run_id: str | None = None) -> PipelineResult:
-    """Run all stages under one MLflow parent run (call inside a Prefect flow)."""
+def with_inputs(cfg: PipelineConfig, files: list[str]) -> PipelineConfig:
+    """The config of a run on newly arrived files: ingest reads exactly those files."""
+    return cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={"inputs": files})})
+
+
+def run_pipeline(cfg: PipelineConfig, run_id: str | None = None,
+                 incremental: bool = False) -> PipelineResult:
+    """Run the stages under one MLflow parent run (call inside a Prefect flow). ``incremental``:
+    a run on newly arrived files (the config's ingest inputs), deduplicated against the curated
+    corpus and added to it; it trains once enough new records have gathered."""
     run_id = run_id or new_run_id()
     home = Path(cfg.run.home)
     home.mkdir(parents=True, exist_ok=True)
@@ -107,21 +121,35 @@ def run_pipeline(cfg: PipelineConfig, run_id: str | None = None) -> PipelineResu
     try:
         for s in STAGES:
             inputs = tuple(run_dir / r for r in s.reads) or (cfg.ingest.inputs,)
-            ctx = StageContext(cfg, run_dir / s.name, inputs, uri, parent)
+            ctx = StageContext(cfg, run_dir / s.name, inputs, uri, parent, incremental, run_id)
             m[s.name] = _run_stage(tracker, parent, s, ctx)
+            if s.name == CURATION_END:
+                result.trained = bool(m[s.name].info.get("train", True))
+                result.reason = str(m[s.name].info.get("train_reason", ""))
+                if not result.trained:
+                    get_run_logger().info("curated only, not training: %s", result.reason)
+                    break
     except BaseException:
         tracker.end(parent, "FAILED")
         raise
-    ev, ex = result.evaluation, result.export
-    tracker.log_metrics(parent, {k: v for k, v in ev.metrics.items()
-                                 if k.startswith(("base.", "tuned."))})
-    curated = run_dir / spec("train").reads[0]
-    tracker.log_datasets(parent, curated, {"train": "training", "eval": "heldout"})
-    tracker.set_tags(parent, {"ftflow.gate_passed": ev.info.get("gate_passed"),
-                              "ftflow.model_uri": ex.info.get("model_uri", ""),
-                              "ftflow.registered_version": ex.info.get("version") or "",
-                              "prefect.flow_run_url": _flow_run_url(),
-                              "mlflow.note.content": _description(result)})
+    curated = m[CURATION_END]
+    tags = {"ftflow.trained": result.trained, "ftflow.incremental": incremental,
+            "ftflow.curated_version": curated.info.get("version"),
+            "prefect.flow_run_url": _flow_run_url(), "mlflow.note.content": _description(result)}
+    if result.trained:
+        ev, ex = result.evaluation, result.export
+        tracker.log_metrics(parent, {k: v for k, v in ev.metrics.items()
+                                     if k.startswith(("base.", "tuned."))})
+        tracker.log_datasets(parent, run_dir / spec("train").reads[0],
+                             {"train": "training", "eval": "heldout"})
+        tags.update({"ftflow.gate_passed": ev.info.get("gate_passed"),
+                     "ftflow.model_uri": ex.info.get("model_uri", ""),
+                     "ftflow.registered_version": ex.info.get("version") or ""})
+        mark_trained(home, cfg.curate.dataset or cfg.run.name, int(curated.info["version"]))
+    else:
+        tracker.log_datasets(parent, run_dir / CURATION_END, {"train": "curated",
+                                                              "eval": "heldout"})
+    tracker.set_tags(parent, tags)
     (run_dir / "LEDGER.md").write_text(ledger_markdown(m) + "\n")
     tracker.client.log_artifact(parent, str(run_dir / "LEDGER.md"))
     tracker.client.log_table(parent, {k: [r[k] for r in ledger_rows(m)] for k in LEDGER_COLUMNS},
@@ -135,13 +163,34 @@ def run_pipeline(cfg: PipelineConfig, run_id: str | None = None) -> PipelineResu
 # exactly that with dis.dis: 800+ lines of bytecode landed in the run log and dill read nothing.
 @flow(name="finetune-pipeline", log_prints=False)
 def finetune_pipeline(config_path: str | None = None, overrides: list[str] | None = None,
-                      run_id: str | None = None) -> dict[str, Any]:
-    """Ingest, scrub, dedup, augment, train, benchmark and register a model from one config."""
+                      run_id: str | None = None, files: list[str] | None = None
+                      ) -> dict[str, Any]:
+    """Ingest, scrub, dedup, augment, train, benchmark and register a model from one config.
+
+    ``files`` (a data-arrival run): read exactly these files, dedup them against the curated
+    corpus and add them to it; each file is read by one successful run only.
+    """
     cfg = load_config(config_path, overrides)
-    result = run_pipeline(cfg, run_id)
+    if files is None:
+        result = run_pipeline(cfg, run_id)
+    else:
+        arrivals, me = Arrivals(cfg.run.home), str(flow_run.get_id() or run_id or new_run_id())
+        mine = arrivals.claim(files, me)
+        if not mine:
+            get_run_logger().info("every file is consumed or taken by another run: %s", files)
+            return {"run_id": None, "files": [], "skipped": "no unclaimed file"}
+        try:
+            result = run_pipeline(with_inputs(cfg, mine), run_id, incremental=True)
+        except BaseException:
+            arrivals.release(mine, me)
+            raise
+        arrivals.consume(mine, me)
     publish_artifacts(result.run_id, result.manifests, result.tracking_uri, result.experiment_id,
-                      result.mlflow_run_id)
+                      result.mlflow_run_id, result.reason if not result.trained else "")
     return {
+        "files": files,
+        "trained": result.trained,
+        "reason": result.reason,
         "run_id": result.run_id,
         "flow_run_id": str(flow_run.get_id() or ""),
         "run_dir": result.run_dir,

@@ -38,6 +38,9 @@ def print_summary(out: dict[str, Any], cfg: PipelineConfig, console: Console | N
                       str(m["quarantined"]), f"{m['duration_s']:.1f}")
     console.print(table)
 
+    if not out.get("trained", True):
+        console.print(f"curated only, not trained: {out.get('reason', '')}")
+        return
     ev = ledger.get(spec("evaluate").name, {})
     cmp = Table(title="held-out benchmark: base vs fine-tuned")
     for col in ("task.metric", "base", "tuned"):
@@ -97,7 +100,7 @@ def ledger_markdown(manifests: dict[str, Manifest]) -> str:
 
 
 def publish_artifacts(run_id: str, manifests: dict[str, Manifest], tracking_uri: str,
-                      experiment_id: str, mlflow_run_id: str) -> None:
+                      experiment_id: str, mlflow_run_id: str, not_trained: str = "") -> None:
     """What a reviewer looks for in the Prefect UI: the ledger and the base-vs-tuned table as
     tables, the gate's decision, and the way to the MLflow run (a link when it is a server)."""
     from prefect.artifacts import (
@@ -106,14 +109,21 @@ def publish_artifacts(run_id: str, manifests: dict[str, Manifest], tracking_uri:
         create_table_artifact,
     )
 
-    ev, ex = manifests[spec("evaluate").name], manifests[spec("export").name]
     create_table_artifact(ledger_rows(manifests), key="ftflow-ledger",
                           description=f"ftflow run {run_id}: where every record went")
+    url = run_url(tracking_uri, experiment_id, mlflow_run_id)
+    if url:
+        create_link_artifact(url, link_text=f"MLflow run {mlflow_run_id}",
+                             key="ftflow-mlflow-run", description="this run in MLflow")
+    if not_trained:
+        create_markdown_artifact(key="ftflow-gate", description="curated only",
+                                 markdown=f"# Curated, not trained\n\n{not_trained}\n")
+        return
+    ev, ex = manifests[spec("evaluate").name], manifests[spec("export").name]
     create_table_artifact(
         [{"task.metric": n, "base": round(b, 6), "tuned": round(t, 6)}
          for n, b, t in comparison_rows(ev.metrics)],
         key="ftflow-eval", description="held-out benchmark: base vs fine-tuned")
-    url = run_url(tracking_uri, experiment_id, mlflow_run_id)
     where = (f"[MLflow run {mlflow_run_id}]({url})" if url else
              f"MLflow run `{mlflow_run_id}` in `{tracking_uri}` (open it with `mlflow ui "
              f"--backend-store-uri {tracking_uri}`)")
@@ -123,6 +133,3 @@ def publish_artifacts(run_id: str, manifests: dict[str, Manifest], tracking_uri:
                   f"{ev.info.get('gate', 'no gate result')}\n\n"
                   f"Model: `{ex.info.get('model_uri', '-')}` ({ex.info.get('reason', '')})\n\n"
                   f"{where}\n"))
-    if url:
-        create_link_artifact(url, link_text=f"MLflow run {mlflow_run_id}",
-                             key="ftflow-mlflow-run", description="this run in MLflow")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from data_contracts.config import DedupConfig
+from data_contracts.config import ConfigError, DedupConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
-from tasks.dedup_common import stream_input
+from tasks.dedup_common import CorpusIndex, stream_input
 from tasks.dedup_local import run_dedup_local
 from tasks.io import is_stage_dir
 from tasks.stage_dir import StageDir
@@ -53,18 +53,31 @@ def resolve_executor(input_path: str | Path, cfg: DedupConfig) -> tuple[DedupCon
 
 
 def run_dedup(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
-              home: str | Path, seed: int = 42) -> Manifest:
+              home: str | Path, seed: int = 42, corpus: list[Path] | None = None) -> Manifest:
     """Carve the held-out split (or reuse it), remove exact/near duplicates and train records
-    that leak held-out ones."""
-    cfg, why = resolve_executor(input_path, cfg)
-    stage = StageDir(out_dir, "dedup", f"{cfg.digest()}:seed={seed}", input_path)
+    that leak held-out ones; with ``corpus`` (persisted indexes of the curated dataset's
+    shards), also every record that duplicates the curated corpus of earlier runs."""
+    if corpus is not None:
+        if cfg.executor not in ("auto", "local"):
+            raise ConfigError(f"dedup.executor={cfg.executor}: a run on newly arrived files "
+                              "dedups in process against the curated corpus; use auto or local")
+        cfg, why = cfg.model_copy(update={"executor": "local"}), "incremental: in process"
+    else:
+        cfg, why = resolve_executor(input_path, cfg)
+    shards = {"corpus": ",".join(p.parent.name for p in corpus)} if corpus is not None else {}
+    stage = StageDir(out_dir, "dedup", f"{cfg.digest()}:seed={seed}", input_path,
+                     extra_digests=shards)
     if (done := stage.finished()) is not None:
         return done
+    if corpus is not None:
+        index = CorpusIndex(cfg)
+        for path in corpus:
+            index.add_file(path)
+        return run_dedup_local(input_path, stage, cfg, seed=seed, executor_choice=why,
+                               corpus=index)
     if cfg.executor == "local":
-        engine = run_dedup_local
-    else:
-        # Imported here, one way: datatrove and Ray cost seconds of imports the local path skips.
-        from tasks.dedup_datatrove import run_dedup_datatrove
+        return run_dedup_local(input_path, stage, cfg, seed=seed, executor_choice=why)
+    # Imported here, one way: datatrove and Ray cost seconds of imports the local path skips.
+    from tasks.dedup_datatrove import run_dedup_datatrove
 
-        engine = run_dedup_datatrove
-    return engine(input_path, stage, cfg, seed=seed, executor_choice=why)
+    return run_dedup_datatrove(input_path, stage, cfg, seed=seed, executor_choice=why)

@@ -247,7 +247,7 @@ Removal = tuple[str, str, float]  # (kind, id of the record it duplicates, jacca
 
 def write_stage(input_path: str | Path, stage: StageDir, heldout_idx: set[int],
                 removed: Mapping[int, Removal], *, info: dict,
-                metrics: dict[str, float] | None = None) -> Manifest:
+                metrics: dict[str, float] | None = None, outputs: list[Path] = ()) -> Manifest:
     """Pass 2 of every dedup path: stream the input again and write each record where its
     decision (by stream position) sends it: held-out, train, or deduplicated naming dup_of."""
     writer = stage.writer()
@@ -268,7 +268,7 @@ def write_stage(input_path: str | Path, stage: StageDir, heldout_idx: set[int],
     stage_metrics = {f"dedup.{k}": float(kinds[k]) for k in ("exact", "near", "eval_contamination")}
     logger.info("dedup: %d records, held-out %s (%d), removed %s", idx, info.get("heldout"),
                 len(heldout_idx), dict(kinds))
-    return writer.finish(idx + writer.manifest.quarantined,
+    return writer.finish(idx + writer.manifest.quarantined, outputs=outputs,
                          metrics={**stage_metrics, **(metrics or {})},
                          info=info)
 
@@ -280,6 +280,7 @@ def save_index(path: Path, sigs: list[Signature], splits: list[str], cfg: DedupC
     """The kept records' signatures (ids, split, exact keys, shingle hashes, MinHashes): what a
     later incremental run dedups its new records against without re-reading these records."""
     offsets = np.cumsum([0] + [s.grams.size for s in sigs])
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial.npz")
     np.savez_compressed(
         tmp, ids=np.array([s.id for s in sigs], dtype=object),

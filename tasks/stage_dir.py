@@ -172,6 +172,12 @@ class StageWriter:
             {"file": q.source.file, "line": q.source.line, "error": q.error, "raw": q.raw},
             ensure_ascii=False))
 
+    def adopt(self, n: int, split: str = "train") -> None:
+        """Count n records of a split that the stage placed in the directory itself (hard links
+        to files another stage wrote and verified), as kept."""
+        self._counts[split] += n
+        self.progress.update(n)
+
     def _carry_heldout(self) -> int:
         """Copy the input's held-out files through byte for byte; the number of records."""
         src = self._carry

@@ -33,6 +33,8 @@ class StageContext:
     inputs: tuple[Any, ...]  # stage dirs in the order of StageSpec.reads, or the raw inputs
     tracking_uri: str = ""
     parent_run_id: str | None = None
+    incremental: bool = False  # a run on newly arrived files: dedup against the curated corpus
+    run_id: str = ""
 
     @property
     def home(self) -> Path:
@@ -73,10 +75,31 @@ def _pii(c: StageContext) -> Manifest:
     return run_pii(c.inputs[0], c.out, c.cfg.pii, home=c.home)
 
 
+def _dataset(c: StageContext) -> str:
+    return c.cfg.curate.dataset or c.cfg.run.name
+
+
 def _dedup(c: StageContext) -> Manifest:
     from tasks.dedup import run_dedup
 
     return run_dedup(c.inputs[0], c.out, c.cfg.dedup, home=c.home, seed=c.cfg.run.seed)
+
+
+def _dedup_new(c: StageContext) -> Manifest:
+    """The first dedup: on a run on newly arrived files, also against the curated corpus."""
+    from tasks.curate import index_files
+    from tasks.dedup import run_dedup
+
+    corpus = index_files(c.home, _dataset(c)) if c.incremental else None
+    return run_dedup(c.inputs[0], c.out, c.cfg.dedup, home=c.home, seed=c.cfg.run.seed,
+                     corpus=corpus)
+
+
+def _curate(c: StageContext) -> Manifest:
+    from tasks.curate import run_curate
+
+    return run_curate(c.inputs[0], c.out, c.cfg.curate, home=c.home, dataset=_dataset(c),
+                      mode="incremental" if c.incremental else "full", run_id=c.run_id)
 
 
 def _augment(c: StageContext) -> Manifest:
@@ -108,17 +131,22 @@ def _export(c: StageContext) -> Manifest:
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("01-ingest", "ingest", "ingest", (), "none", _ingest),
     StageSpec("02-pii", "pii", "pii", ("01-ingest",), "transform", _pii),
-    StageSpec("03-dedup", "dedup", "dedup", ("02-pii",), "create", _dedup),
-    StageSpec("04-augment", "augment", "augment", ("03-dedup",), "carry", _augment),
+    StageSpec("03-dedup", "dedup", "dedup", ("02-pii",), "create", _dedup_new),
+    # The versioned curated dataset: this run's records (added to the earlier ones on a run on
+    # newly arrived files). Everything after it reads the whole curated version.
+    StageSpec("04-curate", "curate", "curate", ("03-dedup",), "create", _curate),
+    StageSpec("05-augment", "augment", "augment", ("04-curate",), "carry", _augment),
     # Synthetic rows go through the same scrub and dedup as real ones.
-    StageSpec("05-pii-synthetic", "pii", "pii", ("04-augment",), "transform", _pii),
-    StageSpec("06-dedup-synthetic", "dedup", "dedup", ("05-pii-synthetic",), "create", _dedup),
-    StageSpec("07-train", "train", "train", ("06-dedup-synthetic",), "use", _train,
+    StageSpec("06-pii-synthetic", "pii", "pii", ("05-augment",), "transform", _pii),
+    StageSpec("07-dedup-synthetic", "dedup", "dedup", ("06-pii-synthetic",), "create", _dedup),
+    StageSpec("08-train", "train", "train", ("07-dedup-synthetic",), "use", _train,
               retries=1, retry_delays_s=(10,)),
-    StageSpec("08-evaluate", "evaluate", "evaluate", ("06-dedup-synthetic", "07-train"), "use",
+    StageSpec("09-evaluate", "evaluate", "evaluate", ("07-dedup-synthetic", "08-train"), "use",
               _evaluate),
-    StageSpec("09-export", "export", "export", ("07-train", "08-evaluate"), "none", _export),
+    StageSpec("10-export", "export", "export", ("08-train", "09-evaluate"), "none", _export),
 )
+# The last stage of curation: a run on newly arrived files may end here (curate.min_new_records).
+CURATION_END = "04-curate"
 COMMANDS: tuple[str, ...] = tuple(dict.fromkeys(s.command for s in STAGES))
 
 

@@ -92,9 +92,9 @@ def test_stages_import_without_prefect_and_the_flow_gets_each_stage_task() -> No
         "print(sorted({n.split('.')[0] for n in sys.modules} & {'prefect'}))\n"
         "from data_contracts.config import load_config\n"
         "cfg = load_config(None, ['run.timeouts.train=120'])\n"
-        "t, i = stage_task(spec('train'), cfg), stage_task(spec('05-pii-synthetic'), cfg)\n"
+        "t, i = stage_task(spec('train'), cfg), stage_task(spec('06-pii-synthetic'), cfg)\n"
         "print(t.name, t.retries, t.timeout_seconds, i.name, i.retries)\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, cwd=REPO, env={**os.environ, **OFFLINE_ENV}).stdout
-    assert out.splitlines() == ["[]", "07-train 1 120.0 05-pii-synthetic 2"]
+    assert out.splitlines() == ["[]", "08-train 1 120.0 06-pii-synthetic 2"]

@@ -149,7 +149,7 @@ def test_rerun_on_a_dir_with_heldout_reuses_it(tmp_path: Path):
     first = tmp_path / "03-dedup"
     run_dedup(_stage_dir(tmp_path / "in", train), first, DedupConfig(eval_fraction=0.2),
               home=tmp_path)
-    second = tmp_path / "06-dedup-synthetic"
+    second = tmp_path / "07-dedup-synthetic"
     m = run_dedup(first, second, DedupConfig(eval_fraction=0.5), home=tmp_path, seed=1)
     assert m.info["heldout"] == "reused"
     assert _ids(second, "heldout") == _ids(first, "heldout") and len(_ids(first, "heldout")) == 4

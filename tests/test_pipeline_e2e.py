@@ -47,7 +47,8 @@ def test_every_stage_accounts_for_every_record(pipeline_run: dict) -> None:
     for name in STAGE_NAMES:
         m = Manifest.read(run_dir / name)
         m.check()  # in + generated == kept + filtered + deduplicated + quarantined
-        if name in ("02-pii", "03-dedup", "04-augment", "05-pii-synthetic", "06-dedup-synthetic"):
+        if name in ("02-pii", "03-dedup", "04-curate", "05-augment", "06-pii-synthetic",
+                    "07-dedup-synthetic"):
             assert m.records_in == previous_kept, f"{name} read {m.records_in}, not {previous_kept}"
         previous_kept = m.kept
     ingest = Manifest.read(run_dir / "01-ingest")
@@ -71,7 +72,7 @@ def test_mlflow_has_parent_and_nested_stage_runs(pipeline_run: dict) -> None:
         + ingest.data.metrics["deduplicated"] + ingest.data.metrics["quarantined"])
     assert "ingest.languages" in " ".join(ingest.data.params) or ingest.data.params
     assert "manifest.json" in {a.path for a in client.list_artifacts(ingest.info.run_id)}
-    train = by_stage["07-train"]
+    train = by_stage["08-train"]
     losses = client.get_metric_history(train.info.run_id, "step/loss")
     assert len(losses) >= 3, "per-step training loss is logged"
     assert losses[-1].value < losses[0].value, "training loss fell"
@@ -81,7 +82,7 @@ def test_mlflow_has_parent_and_nested_stage_runs(pipeline_run: dict) -> None:
 
 
 def test_tuned_model_beats_base_on_heldout(pipeline_run: dict) -> None:
-    ev = Manifest.read(Path(pipeline_run["run_dir"]) / "08-evaluate")
+    ev = Manifest.read(Path(pipeline_run["run_dir"]) / "09-evaluate")
     ppl = [k for k in ev.metrics if k.startswith("base.") and "word_perplexity" in k]
     assert ppl, ev.metrics
     name = ppl[0][len("base."):]
@@ -90,7 +91,7 @@ def test_tuned_model_beats_base_on_heldout(pipeline_run: dict) -> None:
 
 
 def test_registered_version_has_candidate_alias_and_loads(pipeline_run: dict) -> None:
-    info = Manifest.read(Path(pipeline_run["run_dir"]) / "09-export").info
+    info = Manifest.read(Path(pipeline_run["run_dir"]) / "10-export").info
     client = MlflowClient(pipeline_run["tracking_uri"])
     version = client.get_model_version_by_alias("ftflow-e2e", "candidate")
     assert str(version.version) == str(info["version"])
@@ -103,10 +104,10 @@ def test_registered_version_has_candidate_alias_and_loads(pipeline_run: dict) ->
 def test_rerun_of_same_run_resumes_without_redoing_stages(pipeline_run: dict,
                                                           session_home: Path) -> None:
     run_dir = Path(pipeline_run["run_dir"])
-    before = {name: Manifest.read(run_dir / name).started_at for name in STAGE_NAMES[:8]}
+    before = {name: Manifest.read(run_dir / name).started_at for name in STAGE_NAMES[:9]}
     finetune_pipeline(config_path=str(REPO / "configs" / "demo.yaml"),
                       overrides=small_overrides(session_home), run_id="e2e")
-    after = {name: Manifest.read(run_dir / name).started_at for name in STAGE_NAMES[:8]}
+    after = {name: Manifest.read(run_dir / name).started_at for name in STAGE_NAMES[:9]}
     assert after == before, "finished stages were skipped, not recomputed"
 
 
@@ -144,13 +145,13 @@ def test_review_in_mlflow_lineage_and_description(pipeline_run: dict) -> None:
     client = MlflowClient(pipeline_run["tracking_uri"])
     parent = client.get_run(pipeline_run["mlflow_run_id"])
     inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
-    assert set(inputs) == {"06-dedup-synthetic/train", "06-dedup-synthetic/eval"}
+    assert set(inputs) == {"07-dedup-synthetic/train", "07-dedup-synthetic/eval"}
     contexts = {name: {t.key: t.value for t in d.tags} for name, d in inputs.items()}
-    assert contexts["06-dedup-synthetic/train"]["mlflow.data.context"] == "training"
-    assert contexts["06-dedup-synthetic/eval"]["mlflow.data.context"] == "heldout"
+    assert contexts["07-dedup-synthetic/train"]["mlflow.data.context"] == "training"
+    assert contexts["07-dedup-synthetic/eval"]["mlflow.data.context"] == "heldout"
     assert all(len(d.dataset.digest) == 16 for d in inputs.values())
     tags = parent.data.tags
-    export = Manifest.read(Path(pipeline_run["run_dir"]) / "09-export").info
+    export = Manifest.read(Path(pipeline_run["run_dir"]) / "10-export").info
     assert tags["ftflow.registered_version"] == str(export["version"])
     assert "input records" in tags["mlflow.note.content"] and "gate" in tags["mlflow.note.content"]
 

@@ -31,8 +31,9 @@ def test_stages_form_one_ordered_graph() -> None:
         assert (REPO / "tasks" / f"{s.command}.py").is_file()
         assert s.config(cfg) is getattr(cfg, s.section)
         assert s.timeout_s(cfg) > 0
-    assert spec("evaluate").name == "08-evaluate" and spec("05-pii-synthetic").command == "pii"
-    assert COMMANDS == ("ingest", "pii", "dedup", "augment", "train", "evaluate", "export")
+    assert spec("evaluate").name == "09-evaluate" and spec("06-pii-synthetic").command == "pii"
+    assert COMMANDS == ("ingest", "pii", "dedup", "curate", "augment", "train", "evaluate",
+                        "export")
     with pytest.raises(KeyError, match="no stage named 'nope'"):
         spec("nope")
 
