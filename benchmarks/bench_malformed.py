@@ -365,7 +365,7 @@ def outcomes(stage_dir: Path) -> tuple[dict[tuple[str, int], Outcome], list[str]
             twice.append(f"{key[0]}:{line}")
         found[key] = Outcome(outcome, entry)
 
-    for data in sorted(stage_dir.glob("data-*.jsonl.gz")):
+    for data in sorted(stage_dir.glob("train-*.jsonl.gz")):
         for rec in _read_gz(data):
             add(rec["source"]["file"], rec["source"]["line"], "kept", rec)
     for row in _read_gz(stage_dir / "filtered.jsonl.gz"):

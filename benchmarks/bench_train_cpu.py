@@ -113,7 +113,7 @@ def worker_trl(src: Path, out: Path, home: Path, method: str, steps: int) -> dic
     from tasks.io import read_records
 
     base = resolve_base_model("builtin:tiny-llama", home)
-    rows = [{"messages": [m.model_dump() for m in r.messages]} for r in read_records(src, "data")]
+    rows = [{"messages": [m.model_dump() for m in r.messages]} for r in read_records(src, "train")]
     quant = None
     if method == "qlora":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

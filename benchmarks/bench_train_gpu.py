@@ -123,7 +123,7 @@ def worker_hf(model_dir: Path, src: Path, out: Path, seq: int, steps: int) -> di
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     rows = [{"input_ids": tokenizer.apply_chat_template(
         [m.model_dump() for m in r.messages], tokenize=True, return_dict=True)["input_ids"][:seq]}
-        for r in read_records(src, "data")]
+        for r in read_records(src, "train")]
     args = TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=1,
                              learning_rate=2e-4, logging_steps=1, save_strategy="no",
                              report_to=[], bf16=cuda, gradient_checkpointing=True,

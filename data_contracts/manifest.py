@@ -27,7 +27,7 @@ class Manifest(BaseModel):
     filtered: dict[str, int] = Field(default_factory=dict)  # reason -> count
     deduplicated: int = 0
     quarantined: int = 0
-    splits: dict[str, int] = Field(default_factory=dict)  # kept records per split (train/eval)
+    splits: dict[str, int] = Field(default_factory=dict)  # kept records per split (train/heldout)
     input_digests: dict[str, str] = Field(default_factory=dict)
     config_digest: str = ""
     output_files: dict[str, str] = Field(default_factory=dict)  # name -> sha256

@@ -86,7 +86,7 @@ def _description(result: PipelineResult) -> str:
     first, curated = m[STAGES[0].name], m[CURATION_END]
     text = (f"ftflow run `{result.run_id}`: {first.records_in} input records; curated dataset "
             f"version {curated.info.get('version')}: {curated.splits.get('train', 0)} records "
-            f"for training and {curated.splits.get('eval', 0)} held out.\n\n")
+            f"for training and {curated.splits.get('heldout', 0)} held out.\n\n")
     if not result.trained:
         return text + f"Not trained: {result.reason}."
     ev, ex = result.evaluation, result.export
@@ -141,14 +141,14 @@ def run_pipeline(cfg: PipelineConfig, run_id: str | None = None,
         tracker.log_metrics(parent, {k: v for k, v in ev.metrics.items()
                                      if k.startswith(("base.", "tuned."))})
         tracker.log_datasets(parent, run_dir / spec("train").reads[0],
-                             {"train": "training", "eval": "heldout"})
+                             {"train": "training", "heldout": "heldout"})
         tags.update({"ftflow.gate_passed": ev.info.get("gate_passed"),
                      "ftflow.model_uri": ex.info.get("model_uri", ""),
                      "ftflow.registered_version": ex.info.get("version") or ""})
         mark_trained(home, cfg.curate.dataset or cfg.run.name, int(curated.info["version"]))
     else:
         tracker.log_datasets(parent, run_dir / CURATION_END, {"train": "curated",
-                                                              "eval": "heldout"})
+                                                              "heldout": "heldout"})
     tracker.set_tags(parent, tags)
     (run_dir / "LEDGER.md").write_text(ledger_markdown(m) + "\n")
     tracker.client.log_artifact(parent, str(run_dir / "LEDGER.md"))

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Literal
 from data_contracts.config import CurateConfig
 from data_contracts.manifest import Manifest
 from tasks.dedup_common import INDEX_NAME
-from tasks.io import DATA_GLOB, HELDOUT_GLOB
+from tasks.io import TRAIN_GLOB, HELDOUT_GLOB
 from tasks.stage_dir import StageDir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def _add_shard(root: Path, dedup_dir: Path, shard: str) -> None:
     tmp = root / "shards" / f".{shard}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for pattern in (DATA_GLOB, HELDOUT_GLOB, INDEX_NAME, "manifest.json"):
+    for pattern in (TRAIN_GLOB, HELDOUT_GLOB, INDEX_NAME, "manifest.json"):
         for f in dedup_dir.glob(pattern):
             _link(f, tmp / f.name)
     tmp.rename(target)
@@ -147,7 +147,7 @@ def run_curate(dedup_dir: str | Path, out_dir: str | Path, cfg: CurateConfig, *,
             write_atomic(root / VERSIONS, json.dumps(found, indent=1) + "\n")
         since = _new_since_training(found)
     writer = stage.writer()
-    counts = {"train": 0, "eval": 0}
+    counts = {"train": 0, "heldout": 0}
     for i, name in enumerate(version["shards"]):
         m = Manifest.read(root / "shards" / name)
         for split in counts:
@@ -163,8 +163,8 @@ def run_curate(dedup_dir: str | Path, out_dir: str | Path, cfg: CurateConfig, *,
            f"{'>=' if train else '<'} curate.min_new_records {cfg.min_new_records}")
     log.info("curate: %s version %d (%d shards, %d train + %d held-out); train: %s (%s)",
              dataset, version["version"], len(version["shards"]), counts["train"],
-             counts["eval"], train, why)
-    earlier = counts["train"] + counts["eval"] - new.kept
+             counts["heldout"], train, why)
+    earlier = counts["train"] + counts["heldout"] - new.kept
     return writer.finish(
         new.kept + earlier,
         metrics={"curate.new_records": float(new.kept), "curate.version": version["version"],

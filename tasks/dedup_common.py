@@ -53,7 +53,7 @@ class Signature:
     """What dedup needs of one record; the records themselves are re-read when writing."""
 
     id: str
-    origin: str  # "data" or "heldout": where the record was read from
+    origin: str  # "train" or "heldout": where the record was read from
     holdable: bool  # may be carved into the held-out split (see can_hold_out)
     key: bytes  # digest of the normalized text
     minhash: LeanMinHash | None  # None when candidates come from elsewhere (datatrove clusters)
@@ -98,9 +98,9 @@ def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 def stream_input(input_path: str | Path | list[str]
                  ) -> Iterator[tuple[str, ChatSample | Quarantined]]:
-    """Every input item in a fixed order: train records (data-*), then the held-out split."""
+    """Every input item in a fixed order: train records (train-*), then the held-out split."""
     for item in iter_input(input_path):
-        yield "data", item
+        yield "train", item
     if not isinstance(input_path, list) and is_stage_dir(input_path):
         for rec in read_records(input_path, "heldout"):
             yield "heldout", rec
@@ -262,8 +262,8 @@ def write_stage(input_path: str | Path, stage: StageDir, heldout_idx: set[int],
             kinds[kind] += 1
             writer.duplicate(item, dup_of=dup_of, kind=kind, jaccard=round(jaccard, 4))
         else:
-            # "eval": the manifest's name of the held-out split (heldout-*.jsonl.gz)
-            writer.keep(item, split="eval" if idx in heldout_idx else "train")
+            # "heldout": the manifest's name of the held-out split (heldout-*.jsonl.gz)
+            writer.keep(item, split="heldout" if idx in heldout_idx else "train")
         idx += 1
     stage_metrics = {f"dedup.{k}": float(kinds[k]) for k in ("exact", "near", "eval_contamination")}
     logger.info("dedup: %d records, held-out %s (%d), removed %s", idx, info.get("heldout"),

@@ -216,7 +216,7 @@ def run_evaluate(data_dir: str | Path, train_dir: str | Path, out_dir: str | Pat
     write_atomic(comparison_file,
                  f"# Base vs tuned on {len(records)} held-out records\n\n{table}\n\n{text}\n")
     for rec in records:
-        writer.keep(rec, split="eval")
+        writer.keep(rec, split="heldout")
     metrics = {f"{label}.{t}.{k}": v for label, res in results.items()
                for t, vals in res.items() for k, v in vals.items() if math.isfinite(v)}
     metrics["gate.passed"] = float(passed)

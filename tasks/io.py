@@ -19,7 +19,7 @@ import fsspec
 from data_contracts.manifest import MANIFEST_NAME, Manifest
 from data_contracts.records import ChatSample, RecordError, Source, parse_record
 
-DATA_GLOB = "data-*.jsonl.gz"
+TRAIN_GLOB = "train-*.jsonl.gz"
 HELDOUT_GLOB = "heldout-*.jsonl.gz"
 MAX_SNIPPET = 200
 # Input `meta` is carried into every record; pydantic cannot serialise ~300 levels, and no real
@@ -245,12 +245,12 @@ def is_stage_dir(path: str | Path | list[str]) -> bool:
     if isinstance(path, list):
         return False
     p = Path(path)
-    return p.is_dir() and ((p / MANIFEST_NAME).exists() or any(p.glob(DATA_GLOB)))
+    return p.is_dir() and ((p / MANIFEST_NAME).exists() or any(p.glob(TRAIN_GLOB)))
 
 
-def read_records(path: str | Path, split: str = "data") -> Iterator[ChatSample]:
+def read_records(path: str | Path, split: str = "train") -> Iterator[ChatSample]:
     """Read the records a stage kept (split 'data') or its held-out split ('heldout')."""
-    pattern = DATA_GLOB if split == "data" else HELDOUT_GLOB
+    pattern = TRAIN_GLOB if split == "train" else HELDOUT_GLOB
     for file in sorted(Path(path).glob(pattern)):
         with gzip.open(file, "rt", encoding="utf-8") as fh:
             for line in fh:

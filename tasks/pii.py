@@ -655,7 +655,7 @@ def run_pii(input_path: str | Path, out_dir: str | Path, cfg: PiiConfig, *,
     stats = _Stats()
     chunks = ((split, chunk)
               for split, items in (("train", iter_input(input_path)),
-                                   ("eval", _heldout(input_path)))
+                                   ("heldout", _heldout(input_path)))
               for chunk in _chunks(items, writer))
     records_in = 0
     for split, rec in _scrubbed(chunks, engine, cfg, stats):

@@ -145,9 +145,9 @@ class StageWriter:
         self.progress.update()
 
     def keep(self, rec: ChatSample, split: str = "train") -> None:
-        """Keep a record; split 'train' goes to data-*, 'eval' to heldout-*."""
+        """Keep a record; split 'train' goes to train-*, 'heldout' to heldout-*."""
         n = self._counts[split]
-        prefix = "data" if split == "train" else "heldout"
+        prefix = split
         self._write(f"{prefix}-{n // self._shard_size:05d}.jsonl.gz", rec.model_dump_json())
         self._counts[split] += 1
 
@@ -183,13 +183,13 @@ class StageWriter:
         src = self._carry
         if src is None or not is_stage_dir(src):
             return 0
-        if self._counts.get("eval"):
+        if self._counts.get("heldout"):
             raise RuntimeError(f"stage {self.manifest.stage} both carries and writes held-out "
                                "records")
         for file in sorted(Path(src).glob(HELDOUT_GLOB)):
             shutil.copyfile(file, self.dir / file.name)
-        n = Manifest.read(src).splits.get("eval", 0)
-        self._counts["eval"] += n
+        n = Manifest.read(src).splits.get("heldout", 0)
+        self._counts["heldout"] += n
         self.progress.update(n)
         return n
 

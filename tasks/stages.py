@@ -162,7 +162,7 @@ def _heldout_count(source: Any) -> int | None:
     """Held-out records in a stage directory; None for raw inputs."""
     if not is_stage_dir(source):
         return None
-    return Manifest.read(source).splits.get("eval", 0)
+    return Manifest.read(source).splits.get("heldout", 0)
 
 
 def run_stage(s: StageSpec, ctx: StageContext) -> Manifest:
@@ -174,7 +174,7 @@ def run_stage(s: StageSpec, ctx: StageContext) -> Manifest:
     manifest.check()
     if s.heldout in ("carry", "transform") and ctx.inputs:
         before = _heldout_count(ctx.inputs[0])
-        after = manifest.splits.get("eval", 0)
+        after = manifest.splits.get("heldout", 0)
         if before is not None and before != after:
             raise LedgerError(f"stage {s.name}: {before} held-out records in, {after} out; a "
                               f"stage that {s.heldout}s the held-out split must keep every one")

@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 MAX_ARTIFACT_BYTES = 20 * 1024 * 1024
 MAX_PARAM_CHARS = 500
-SKIP_ARTIFACTS = ("data-", "heldout-")
+SKIP_ARTIFACTS = ("train-", "heldout-")
 # The record files of each split in a stage directory.
-SPLIT_FILES = {"train": "data-", "eval": "heldout-"}
+SPLIT_FILES = {"train": "train-", "heldout": "heldout-"}
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Stage 5: QLoRA (or plain LoRA) fine-tuning, SFT or, with train.objective dpo or orpo, on
 preference pairs.
 
-Reads the train split (``data-*``) and the held-out split (``heldout-*``) of the previous stage,
+Reads the train split (``train-*``) and the held-out split (``heldout-*``) of the previous stage,
 trains a LoRA adapter on a 4-bit NF4 base (bitsandbytes; on CPU too), resumes from the last
 checkpoint after a crash, and writes ``adapter/`` and a full-precision ``merged/`` model, both
 safetensors with the chat template, plus ``history.jsonl`` (the trainer's log) for MLflow.

@@ -164,15 +164,15 @@ Rejection = Callable[[ChatSample], tuple[str, dict[str, Any]] | None]
 
 
 def read_splits(input_path: str | Path) -> dict[str, list[ChatSample]]:
-    """The previous stage's train split (``data-*``) and held-out split (``heldout-*``)."""
-    return {"train": list(read_records(input_path, "data")),
-            "eval": list(read_records(input_path, "heldout"))}
+    """The previous stage's train split (``train-*``) and held-out split (``heldout-*``)."""
+    return {"train": list(read_records(input_path, "train")),
+            "heldout": list(read_records(input_path, "heldout"))}
 
 
 def keep_usable(splits: dict[str, list[ChatSample]], writer: StageWriter,
                 reject: Rejection) -> tuple[list[ChatSample], list[ChatSample]]:
     """(train, eval) records that `reject` lets through; the others are dropped with its reason."""
-    used: dict[str, list[ChatSample]] = {"train": [], "eval": []}
+    used: dict[str, list[ChatSample]] = {"train": [], "heldout": []}
     for split, records in splits.items():
         for rec in records:
             rejection = reject(rec)
@@ -182,7 +182,7 @@ def keep_usable(splits: dict[str, list[ChatSample]], writer: StageWriter,
             else:
                 writer.keep(rec, split)
                 used[split].append(rec)
-    return used["train"], used["eval"]
+    return used["train"], used["heldout"]
 
 
 # --- trainer ---------------------------------------------------------------------------------

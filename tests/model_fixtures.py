@@ -58,7 +58,7 @@ def write_stage_dir(out_dir: Path, train: list[ChatSample],
     for rec in train:
         writer.keep(rec, split="train")
     for rec in heldout:
-        writer.keep(rec, split="eval")
+        writer.keep(rec, split="heldout")
     writer.finish(len(train) + len(heldout), input_digests={}, config_digest="fixture")
     return out_dir
 

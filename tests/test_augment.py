@@ -79,7 +79,7 @@ def test_tiny_teacher_generations_are_validated_and_accounted(stage_dir: Path, t
     assert (m.records_in, m.generated) == (15, 4)
     valid, invalid = m.metrics["augment.valid"], m.metrics["augment.invalid"]
     assert valid + invalid == 4 and m.filtered.get(INVALID, 0) == invalid
-    assert m.kept == 15 + valid and m.splits == {"train": 12 + valid, "eval": 3}
+    assert m.kept == 15 + valid and m.splits == {"train": 12 + valid, "heldout": 3}
     # The random-init teacher writes byte soup: each drop names the check that failed.
     for row in _filtered(out):
         assert row["reason"] == INVALID and row["why"]

@@ -53,7 +53,7 @@ def test_overrides_after_options_reach_the_stage(tmp_path: Path, session_home: P
     rc = main(["stage", "dedup", "--input", str(raw), "--output", str(out),
                f"run.home={session_home}", "dedup.eval_fraction=0.5", "dedup.eval_max=3"])
     assert rc == 0
-    assert Manifest.read(out).splits.get("eval") == 3
+    assert Manifest.read(out).splits.get("heldout") == 3
 
 
 def test_unknown_config_key_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -48,7 +48,7 @@ def _removed(stage_dir: Path) -> dict[str, dict]:
     return {row["record"]["id"]: row for row in rows}
 
 
-def _ids(stage_dir: Path, split: str = "data") -> list[str]:
+def _ids(stage_dir: Path, split: str = "train") -> list[str]:
     return [r.id for r in read_records(stage_dir, split)]
 
 
@@ -107,7 +107,7 @@ def test_train_copies_of_eval_are_removed_as_contamination(tmp_path: Path):
                                  "dup_of": "eval-a", "jaccard": 1.0}
     assert removed["t-para"]["kind"] == "eval_contamination"
     assert removed["t-para"]["dup_of"] == "eval-a"
-    assert m.splits == {"train": 2, "eval": 2}
+    assert m.splits == {"train": 2, "heldout": 2}
     assert m.metrics["dedup.eval_contamination"] == 2.0 and m.metrics["dedup.exact"] == 1.0
     assert (m.records_in, m.deduplicated) == (7, 3)
 
@@ -125,11 +125,11 @@ def test_split_is_carved_deterministically_before_dedup(tmp_path: Path):
     assert eval_a == _ids(tmp_path / "b", "heldout")
     assert set(eval_a) != set(_ids(tmp_path / "c", "heldout"))
     m = Manifest.read(tmp_path / "a").check()
-    assert m.splits == {"train": 31, "eval": 10} and m.info["heldout"] == "carved"
+    assert m.splits == {"train": 31, "heldout": 10} and m.info["heldout"] == "carved"
     assert set(_ids(tmp_path / "a")) | set(eval_a) == {r.id for r in train}
     capped = run_dedup(src, tmp_path / "d", DedupConfig(eval_fraction=0.25, eval_max=3),
                        home=tmp_path)
-    assert capped.splits["eval"] == 3
+    assert capped.splits["heldout"] == 3
 
 
 def test_preference_pairs_are_held_out_like_chats(tmp_path: Path):
@@ -139,7 +139,7 @@ def test_preference_pairs_are_held_out_like_chats(tmp_path: Path):
                         chosen="Happy to help.", rejected="No.") for i in range(20)]
     src = _stage_dir(tmp_path / "in", pairs)
     m = run_dedup(src, tmp_path / "out", DedupConfig(eval_fraction=0.2), home=tmp_path).check()
-    assert m.splits == {"train": 16, "eval": 4}
+    assert m.splits == {"train": 16, "heldout": 4}
     held = list(read_records(tmp_path / "out", "heldout"))
     assert all(r.kind == "preference" and r.rejected == "No." for r in held)
 
@@ -214,7 +214,7 @@ def test_decisions_use_the_exact_jaccard_not_the_minhash_estimate(tmp_path: Path
 def test_signatures_equal_datasketch_minhash_updated_per_shingle():
     # The stage hashes each shingle once (CRC-32) and feeds MinHash.bulk the integers; that must
     # be the very signature of the textbook MinHash(hashfunc=crc32_hash).update loop.
-    recs = [("data", _chat(f"r{i}", _words(i, 60))) for i in range(3)]
+    recs = [("train", _chat(f"r{i}", _words(i, 60))) for i in range(3)]
     for (_, rec), sig in zip(recs, signatures(recs, NO_SPLIT), strict=True):
         mh = MinHash(num_perm=NO_SPLIT.num_perm, hashfunc=crc32_hash)
         norm = normalize_for_matching(rec.joined_text())

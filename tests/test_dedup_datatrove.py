@@ -89,8 +89,8 @@ def test_datatrove_buckets_are_the_in_process_lsh_bands(cfg: DedupConfig, tmp_pa
     # with other hash functions the two paths would miss different near pairs.
     lsh = MinHashLSH(threshold=candidate_floor(cfg), num_perm=cfg.num_perm)
     step = ShingleSignature(str(tmp_path), minhash_config(cfg), cfg.num_perm)
-    recs = [("data", _chat(f"r{i}", _words(i, 60))) for i in range(3)]
-    recs.append(("data", ChatSample(id="short", text="Hi!")))
+    recs = [("train", _chat(f"r{i}", _words(i, 60))) for i in range(3)]
+    recs.append(("train", ChatSample(id="short", text="Hi!")))
     for (_, rec), sig in zip(recs, signatures(recs, cfg), strict=True):
         bands = step.get_signature(step.get_shingles(rec.joined_text()))
         assert bands == [sig.minhash.hashvalues[lo:hi].tolist() for lo, hi in lsh.hashranges]

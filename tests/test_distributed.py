@@ -178,7 +178,7 @@ def test_the_train_stage_under_ddp_writes_one_stage_dir(
     assert stdout.count(f"train: in={N_TRAIN + 4} ") == 1, stdout[-3000:]
     m = Manifest.read(out).check()
     assert m.info["world_size"] == WORLD and m.info["quantized"]
-    assert m.splits == {"train": N_TRAIN, "eval": 4}
+    assert m.splits == {"train": N_TRAIN, "heldout": 4}
     assert len(list(read_records(out))) == N_TRAIN  # written once, not once per rank
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert not (out / "adapter" / "training_args.bin").exists()
@@ -212,7 +212,7 @@ def test_dpo_under_ddp_writes_one_stage_dir(session_home: Path, tmp_path: Path) 
     assert stdout.count(f"train: in={n_pairs + 1} ") == 1, stdout[-3000:]
     m = Manifest.read(out).check()
     assert m.info["objective"] == "dpo" and m.info["world_size"] == WORLD
-    assert m.info["quantized"] and m.splits == {"train": n_pairs, "eval": 1}
+    assert m.info["quantized"] and m.splits == {"train": n_pairs, "heldout": 1}
     assert len(list(read_records(out))) == n_pairs
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "merged" / "config.json").exists()

@@ -27,7 +27,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, train_dir: Path,
               home: Path) -> tuple[Path, Manifest]:
-    out = tmp_path_factory.mktemp("eval") / "out"
+    out = tmp_path_factory.mktemp("heldout") / "out"
     cfg = EvaluateConfig(max_samples=10, num_choices=3, batch_size=8)
     return out, run_evaluate(data_dir, train_dir, out, cfg, home=home)
 
@@ -35,7 +35,7 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, train_di
 def test_tuned_model_beats_base_on_heldout_perplexity(evaluated: tuple[Path, Manifest]) -> None:
     out, m = evaluated
     m.check()
-    assert (m.records_in, m.kept, m.splits) == (10, 10, {"eval": 10})
+    assert (m.records_in, m.kept, m.splits) == (10, 10, {"heldout": 10})
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert m.metrics[f"tuned.{PPL_TASK}.{metric}"] < m.metrics[f"base.{PPL_TASK}.{metric}"]
     for label in ("base", "tuned"):

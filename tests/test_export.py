@@ -54,7 +54,7 @@ def test_export_registers_an_aliased_model_that_loads_and_chats(
     uri, client, parent = tracking
     before = mlflow.get_tracking_uri()
     cfg = ExportConfig(model_name="ftflow-test", max_new_tokens=12)
-    m = run_export(train_dir, _eval_dir(tmp_path / "eval", True), tmp_path / "out", cfg,
+    m = run_export(train_dir, _eval_dir(tmp_path / "heldout", True), tmp_path / "out", cfg,
                    tracking_uri=uri, parent_run_id=parent)
     m.check()
     # The caller's MLflow state is untouched.
@@ -99,7 +99,7 @@ def test_export_registers_an_aliased_model_that_loads_and_chats(
 def test_failed_gate_is_not_registered_unless_asked(
         tmp_path: Path, train_dir: Path, tracking: tuple[str, MlflowClient, str]) -> None:
     uri, client, _ = tracking
-    eval_dir = _eval_dir(tmp_path / "eval", False)
+    eval_dir = _eval_dir(tmp_path / "heldout", False)
     m = run_export(train_dir, eval_dir, tmp_path / "out", ExportConfig(model_name="held-back"),
                    tracking_uri=uri)
     m.check()
@@ -123,7 +123,7 @@ def test_a_missing_hand_off_field_names_the_stage_and_field(
         tmp_path: Path, train_dir: Path, tracking: tuple[str, MlflowClient, str]) -> None:
     """A renamed or missing field of an earlier stage fails at once, saying which."""
     uri, _, parent = tracking
-    eval_dir = _eval_dir(tmp_path / "eval", True)
+    eval_dir = _eval_dir(tmp_path / "heldout", True)
     m = Manifest.read(eval_dir)
     del m.info["gate_passed"]
     m.write(eval_dir)

@@ -133,7 +133,7 @@ def test_ledger_metrics_and_meta(scrubbed):
     out, recs = scrubbed
     m = json.loads((out / "manifest.json").read_text())
     assert m["records_in"] == len(CASES) + 5 == m["kept"]
-    assert m["splits"] == {"train": len(CASES) + 4, "eval": 1}
+    assert m["splits"] == {"train": len(CASES) + 4, "heldout": 1}
     assert m["deduplicated"] == m["quarantined"] == 0 and m["filtered"] == {}
     metrics = m["metrics"]
     assert metrics["pii.EMAIL_ADDRESS"] == 3 + 1 + 1 + 1  # cases + system + text doc + eval

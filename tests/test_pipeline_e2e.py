@@ -54,7 +54,7 @@ def test_every_stage_accounts_for_every_record(pipeline_run: dict) -> None:
     ingest = Manifest.read(run_dir / "01-ingest")
     assert ingest.quarantined > 0 and ingest.filtered_total > 0  # the planted problems
     assert Manifest.read(run_dir / "03-dedup").deduplicated > 0
-    assert Manifest.read(run_dir / "03-dedup").splits.get("eval", 0) > 0
+    assert Manifest.read(run_dir / "03-dedup").splits.get("heldout", 0) > 0
 
 
 def test_mlflow_has_parent_and_nested_stage_runs(pipeline_run: dict) -> None:
@@ -145,10 +145,10 @@ def test_review_in_mlflow_lineage_and_description(pipeline_run: dict) -> None:
     client = MlflowClient(pipeline_run["tracking_uri"])
     parent = client.get_run(pipeline_run["mlflow_run_id"])
     inputs = {d.dataset.name: d for d in parent.inputs.dataset_inputs}
-    assert set(inputs) == {"07-dedup-synthetic/train", "07-dedup-synthetic/eval"}
+    assert set(inputs) == {"07-dedup-synthetic/train", "07-dedup-synthetic/heldout"}
     contexts = {name: {t.key: t.value for t in d.tags} for name, d in inputs.items()}
     assert contexts["07-dedup-synthetic/train"]["mlflow.data.context"] == "training"
-    assert contexts["07-dedup-synthetic/eval"]["mlflow.data.context"] == "heldout"
+    assert contexts["07-dedup-synthetic/heldout"]["mlflow.data.context"] == "heldout"
     assert all(len(d.dataset.digest) == 16 for d in inputs.values())
     tags = parent.data.tags
     export = Manifest.read(Path(pipeline_run["run_dir"]) / "10-export").info

@@ -110,7 +110,7 @@ def test_a_killed_stage_never_looks_complete(tmp_path: Path) -> None:
     # A run with another config starts over and is killed before it finishes.
     assert _ingest_like(raw, out, "cfg-2", stop_before_finish=True) is None
     assert not (out / "manifest.json").exists(), "the old manifest went first"
-    assert not list(out.glob("data-*.jsonl.gz")), "partial files never carry the final name"
+    assert not list(out.glob("train-*.jsonl.gz")), "partial files never carry the final name"
     assert StageDir(out, "toy", "cfg-1", str(raw)).finished() is None
     again = _ingest_like(raw, out)
     assert again is not None and again.started_at >= first.started_at
@@ -121,7 +121,7 @@ def test_a_changed_or_truncated_output_reruns_the_stage(tmp_path: Path) -> None:
     raw, out = _raw(tmp_path), tmp_path / "out"
     _ingest_like(raw, out)
     assert StageDir(out, "toy", "cfg-1", str(raw)).finished() is not None
-    data = next(out.glob("data-*.jsonl.gz"))
+    data = next(out.glob("train-*.jsonl.gz"))
     data.write_bytes(data.read_bytes()[:20])  # a truncated gzip, as a crash or disk error leaves
     assert StageDir(out, "toy", "cfg-1", str(raw)).finished() is None
     rerun = _ingest_like(raw, out)
@@ -147,7 +147,7 @@ def test_the_heldout_split_is_carried_and_a_stage_that_drops_it_fails(tmp_path: 
     src = write_stage_dir(tmp_path / "src", support_chats(5), support_chats(3, seed=9, prefix="h"))
     cfg = PipelineConfig()
     m = run_stage(_carrying(forget=False), StageContext(cfg, tmp_path / "ok", (src,)))
-    assert m.splits == {"train": 5, "eval": 3} and m.records_in == 8
+    assert m.splits == {"train": 5, "heldout": 3} and m.records_in == 8
     assert list(read_records(tmp_path / "ok", "heldout")) == list(read_records(src, "heldout"))
     with pytest.raises(LedgerError, match="3 held-out records in, 0 out"):
         run_stage(_carrying(forget=True), StageContext(cfg, tmp_path / "bad", (src,)))

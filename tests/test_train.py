@@ -59,7 +59,7 @@ def _stage_dir(path: Path, train: list[ChatSample], heldout: list[ChatSample]) -
     for rec in train:
         writer.keep(rec, "train")
     for rec in heldout:
-        writer.keep(rec, "eval")
+        writer.keep(rec, "heldout")
     writer.finish(len(train) + len(heldout), input_digests={}, config_digest="test")
     return path
 
@@ -117,7 +117,7 @@ def test_qlora_really_quantizes_and_learns(qlora_run):
     train_losses = [h["loss"] for h in history if "loss" in h]
     assert train_losses[-1] < train_losses[0]
     # Independent of the trainer: the exported model fits the training records much better.
-    records = list(read_records(src, "data"))[:12]
+    records = list(read_records(src, "train"))[:12]
     records = [r for r in records if r.kind == "chat"]
     before = _assistant_loss(info["base_model"], records)
     after = _assistant_loss(info["merged_dir"], records)
@@ -177,8 +177,8 @@ def test_ledger_adds_up_and_text_records_are_accounted_for(qlora_run):
     manifest.check()
     assert manifest.records_in == 24 + 1 + 6 + 1
     assert manifest.filtered == {"text_in_chat_run": 2}
-    assert manifest.splits == {"train": 24, "eval": 6}
-    assert {r.id for r in read_records(out, "data")} == {f"c{i}" for i in range(24)}
+    assert manifest.splits == {"train": 24, "heldout": 6}
+    assert {r.id for r in read_records(out, "train")} == {f"c{i}" for i in range(24)}
     assert {r.id for r in read_records(out, "heldout")} == {f"c{i}" for i in range(100, 106)}
     history = _history(out)
     assert any({"loss", "learning_rate", "grad_norm"} <= set(h) for h in history)
@@ -221,7 +221,7 @@ def test_text_only_input_trains_on_text(session_home: Path, tmp_path: Path):
     m = run_train(src, tmp_path / "out", _fast_cfg(method="lora", max_steps=2),
                   home=session_home)
     assert m.info["data_kind"] == "text" and m.info["assistant_only_loss"] is False
-    assert m.splits == {"train": 8, "eval": 1} and m.filtered == {}
+    assert m.splits == {"train": 8, "heldout": 1} and m.filtered == {}
     assert "eval_loss" in m.metrics
 
 

@@ -151,8 +151,8 @@ def test_ledger_keeps_pairs_and_names_every_drop(dpo_run):
     assert manifest.records_in == 35 + 9
     assert manifest.filtered == {"chat_in_preference_run": 2, "text_in_preference_run": 1,
                                  "prompt_fills_max_length": 1}
-    assert manifest.splits == {"train": 32, "eval": 8}
-    assert {r.id for r in read_records(out, "data")} == {f"p{i}" for i in range(32)}
+    assert manifest.splits == {"train": 32, "heldout": 8}
+    assert {r.id for r in read_records(out, "train")} == {f"p{i}" for i in range(32)}
     assert all(r.kind == "preference" for r in read_records(out, "heldout"))
     import gzip
 

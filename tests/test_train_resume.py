@@ -41,7 +41,7 @@ def _stage_dir(path: Path) -> Path:
     for i in range(36):
         writer.keep(_chat(i), "train")
     for i in range(100, 106):
-        writer.keep(_chat(i), "eval")
+        writer.keep(_chat(i), "heldout")
     writer.finish(42, input_digests={}, config_digest="test")
     return path
 
