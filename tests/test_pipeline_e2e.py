@@ -111,32 +111,46 @@ def test_rerun_of_same_run_resumes_without_redoing_stages(pipeline_run: dict,
     assert after == before, "finished stages were skipped, not recomputed"
 
 
-def test_prefect_shows_each_stage_by_name_with_its_progress(pipeline_run: dict) -> None:
-    """In the Prefect UI a stage's task run carries its directory's name, and a progress
-    artifact says how far it got."""
+def _prefect_view(flow_run_id: str) -> tuple[list, list, list]:
+    """What the Prefect UI shows of a flow run: its task runs, artifacts and logs."""
     from uuid import UUID
 
     from prefect import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterFlowRunId,
-        ArtifactFilterType,
         FlowRunFilter,
         FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
     )
 
-    flow_run_id = UUID(pipeline_run["flow_run_id"])
+    run = UUID(flow_run_id)
     with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-            type=ArtifactFilterType(any_=["progress"])))
+        return (client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run]))),
+                client.read_artifacts(artifact_filter=ArtifactFilter(
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[run]))),
+                client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run]))))
+
+
+def test_prefect_shows_stages_by_name_progress_tables_gate_and_readable_logs(
+        pipeline_run: dict) -> None:
+    """In the Prefect UI a stage's task run carries its directory's name, a progress artifact
+    says how far it got, the ledger and base-vs-tuned are tables, the gate is stated, and the
+    log holds the run's own lines (no bytecode from a library)."""
+    task_runs, artifacts, logs = _prefect_view(pipeline_run["flow_run_id"])
     assert set(STAGE_NAMES) <= {t.name for t in task_runs}
-    by_stage = {str(a.description).split(":")[0]: a for a in artifacts}
-    assert {"ingest", "pii", "dedup", "train"} <= set(by_stage), by_stage.keys()
-    assert float(by_stage["train"].data) == 100.0
-    assert "steps" in by_stage["train"].description and "loss" in by_stage["train"].description
+    progress = {str(a.description).split(":")[0]: a for a in artifacts if a.type == "progress"}
+    assert {"ingest", "pii", "dedup", "train"} <= set(progress), progress.keys()
+    assert float(progress["train"].data) == 100.0
+    assert "steps" in progress["train"].description and "loss" in progress["train"].description
+    by_key = {a.key: a for a in artifacts if a.key}
+    assert by_key["ftflow-ledger"].type == "table" and "01-ingest" in str(by_key["ftflow-ledger"].data)
+    assert by_key["ftflow-eval"].type == "table" and "word_perplexity" in str(by_key["ftflow-eval"].data)
+    assert "Gate: passed" in str(by_key["ftflow-gate"].data)
+    assert logs, "the flow run logged"
+    assert not [entry.message for entry in logs if "LOAD_FAST" in entry.message], \
+        "no bytecode disassembly in the run's log"
 
 
 def test_review_in_mlflow_lineage_and_description(pipeline_run: dict) -> None:
@@ -154,33 +168,3 @@ def test_review_in_mlflow_lineage_and_description(pipeline_run: dict) -> None:
     export = Manifest.read(Path(pipeline_run["run_dir"]) / "10-export").info
     assert tags["ftflow.registered_version"] == str(export["version"])
     assert "input records" in tags["mlflow.note.content"] and "gate" in tags["mlflow.note.content"]
-
-
-def test_review_in_prefect_tables_gate_and_readable_logs(pipeline_run: dict) -> None:
-    from uuid import UUID
-
-    from prefect import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        FlowRunFilter,
-        FlowRunFilterId,
-        LogFilter,
-        LogFilterFlowRunId,
-    )
-
-    flow_run_id = UUID(pipeline_run["flow_run_id"])
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-        logs = client.read_logs(log_filter=LogFilter(
-            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-        assert client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[flow_run_id])))
-    by_key = {a.key: a for a in artifacts if a.key}
-    assert by_key["ftflow-ledger"].type == "table" and "01-ingest" in str(by_key["ftflow-ledger"].data)
-    assert by_key["ftflow-eval"].type == "table" and "word_perplexity" in str(by_key["ftflow-eval"].data)
-    assert "Gate: passed" in str(by_key["ftflow-gate"].data)
-    assert logs, "the flow run logged"
-    assert not [entry.message for entry in logs if "LOAD_FAST" in entry.message], \
-        "no bytecode disassembly in the run's log"
