@@ -39,7 +39,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check data_contracts tasks flows deployments infra benchmarks tests
+	$(BIN)/ruff check data_contracts tasks flows infra benchmarks tests
 
 stack: setup
 	$(BIN)/ftflow stack
