@@ -121,12 +121,12 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     load_config(config, overrides)  # validated exactly like `ftflow run`, before registering
     home = default_home()
     state = read_state(home) or {}
-    api_url = os.environ.get("PREFECT_API_URL") or f"http://{HOST}:4200/api"
-    if not prefect_reachable(api_url):
-        where = ("PREFECT_API_URL" if "PREFECT_API_URL" in os.environ
-                 else f"no stack running in {home}")
-        print(f"ftflow: error: no Prefect server answers at {api_url} ({where}): "
-              "start one with `ftflow up`", file=sys.stderr)
+    api_url = os.environ.get("PREFECT_API_URL")
+    if not api_url or not prefect_reachable(api_url):
+        where = (f"PREFECT_API_URL={api_url}" if api_url else
+                 f"PREFECT_API_URL is unset and no stack runs in {home}")
+        print(f"ftflow: error: no Prefect server answers ({where}): start one with "
+              f"`ftflow up` (it serves http://{HOST}:4200/api by default)", file=sys.stderr)
         return 2
     os.environ["PREFECT_API_URL"] = api_url
     _set_home_env(str(home))

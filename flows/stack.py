@@ -280,6 +280,9 @@ def _prefect_cmd(port: int) -> list[str]:
 
 def _mlflow_cmd(home: Path, port: int, backend: str | None) -> list[str]:
     backend = backend or f"sqlite:///{home / 'mlflow.db'}"
+    for plain in ("postgresql://", "postgres://"):  # SQLAlchemy's default driver: psycopg2,
+        if backend.startswith(plain):               # not installed; psycopg v3 is
+            backend = "postgresql+psycopg://" + backend[len(plain):]
     return [_bin("mlflow"), "server", "--backend-store-uri", backend,
             "--artifacts-destination", str(home / "mlartifacts"),
             "--host", HOST, "--port", str(port), "--workers", "1"]
@@ -366,7 +369,7 @@ def up(home: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
         print(f"ftflow: error: the stack did not start ({reason}); stopping what started",
               file=sys.stderr)
         down(home, quiet=True)
-        return 130 if isinstance(err, _Stop) else 1
+        return 128 + err.args[0] if isinstance(err, _Stop) else 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
