@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export FTFLOW_HOME ?= $(CURDIR)/.ftflow
 
-.PHONY: setup demo test lint stack clean constraints
+.PHONY: setup demo test lint stack up down clean constraints
 
 setup: $(VENV)/.installed $(FTFLOW_HOME)/assets/lid.176.ftz
 
@@ -43,6 +43,12 @@ lint: setup
 
 stack: setup
 	$(BIN)/ftflow stack
+
+up: setup
+	$(BIN)/ftflow up
+
+down:
+	$(BIN)/ftflow down
 
 clean:
 	rm -rf $(FTFLOW_HOME)/runs $(FTFLOW_HOME)/mlflow.db $(FTFLOW_HOME)/mlartifacts

@@ -163,7 +163,13 @@ def stack_env(home: Path) -> dict[str, str]:
 
 
 def apply_stack_env(home: Path) -> dict[str, str]:
-    """Point this process at the home's running stack where the user set nothing else."""
+    """Point this process at the home's running stack where the user set nothing else.
+
+    FTFLOW_NO_STACK=1 turns this off (the test suite sets it: a developer's running stack
+    must not receive the tests' runs).
+    """
+    if os.environ.get("FTFLOW_NO_STACK") == "1":
+        return {}
     env = stack_env(home)
     for key, value in env.items():
         os.environ.setdefault(key, value)
