@@ -93,9 +93,9 @@ def _home(args: argparse.Namespace) -> Path:
 
 def cmd_up(args: argparse.Namespace, foreground: bool = False) -> int:
     from flows.stack import up
+    prefect_db = args.prefect_db or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
     return up(_home(args), args.prefect_port, args.mlflow_port, backend=args.backend,
-              prefect_db_url=args.prefect_db or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"),
-              pool=args.pool, foreground=foreground, worker_limit=args.worker_limit)
+              prefect_db_url=prefect_db, pool=args.pool, foreground=foreground, worker_limit=args.worker_limit)
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
