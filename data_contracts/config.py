@@ -47,7 +47,7 @@ class RunConfig(_Section):
     name: str = "ftflow-demo"
     home: str = Field(default_factory=lambda: str(default_home()))
     runs_dir: str = ""  # default: <home>/runs
-    tracking_uri: str = ""  # default: sqlite:///<home>/mlflow.db
+    tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db
     experiment: str = "ftflow"
     seed: int = 42
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
@@ -56,8 +56,12 @@ class RunConfig(_Section):
         return Path(self.runs_dir or Path(self.home) / "runs")
 
     def resolved_tracking_uri(self) -> str:
+        """run.tracking_uri, else $MLFLOW_TRACKING_URI (a running `ftflow up` stack sets it
+        for every ftflow command and for deployed runs), else SQLite in the home."""
         if self.tracking_uri:
             return self.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
         return f"sqlite:///{Path(self.home).absolute() / 'mlflow.db'}"
 
 

@@ -13,7 +13,9 @@ from data_contracts.config import ConfigError, default_home, load_config
 from data_contracts.records import RecordError
 from data_contracts.stage_outputs import StageOutputError
 from flows.env import quiet_offline_env
+from flows.stack import apply_stack_env
 from tasks.stages import COMMANDS
+
 
 def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
     """The optional config path and the key=value overrides, in any order."""
@@ -69,14 +71,56 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home or default_home()).absolute()
+
+
+def cmd_up(args: argparse.Namespace, foreground: bool = False) -> int:
+    from flows.stack import up
+    prefect_db = args.prefect_db or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
+    return up(_home(args), args.prefect_port, args.mlflow_port, backend=args.backend,
+              prefect_db_url=prefect_db, pool=args.pool, foreground=foreground, worker_limit=args.worker_limit)
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
-    from flows.stack import run_stack
-    return run_stack(Path(args.home or default_home()), args.prefect_port, args.mlflow_port)
+    return cmd_up(args, foreground=True)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from flows.stack import down
+    return down(_home(args), grace=args.grace)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from flows.stack import status
+    return status(_home(args))
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from deployments.serve import serve
-    serve(args.config, cron=args.cron, watch=args.watch)
+    from flows.stack import DEFAULT_POOL, HOST, prefect_reachable, read_state
+
+    config, overrides = _split_args(args.items)
+    if config is not None:
+        config = str(Path(config).absolute())  # the worker runs elsewhere
+    load_config(config, overrides)  # validated exactly like `ftflow run`, before registering
+    home = default_home()
+    state = read_state(home) or {}
+    api_url = os.environ.get("PREFECT_API_URL")
+    if not api_url or not prefect_reachable(api_url):
+        where = (f"PREFECT_API_URL={api_url}" if api_url else
+                 f"PREFECT_API_URL is unset and no stack runs in {home}")
+        print(f"ftflow: error: no Prefect server answers ({where}): start one with "
+              f"`ftflow up` (it serves http://{HOST}:4200/api by default)", file=sys.stderr)
+        return 2
+    os.environ["PREFECT_API_URL"] = api_url
+    _set_home_env(str(home))
+    from flows.deploy import register
+
+    pool = args.pool or state.get("pool") or DEFAULT_POOL
+    for line in register(home, api_url, config, overrides, cron=args.cron, watch=args.watch,
+                         pool=pool, replace=args.replace):
+        print(line)
+    print(f"see them: {api_url.removesuffix('/api')}/deployments")
     return 0
 
 
@@ -140,16 +184,45 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("overrides", nargs="*", help="section.key=value overrides")
     st.set_defaults(func=cmd_stage)
 
-    sk = sub.add_parser("stack", help="start prefect server + mlflow server on 127.0.0.1")
-    sk.add_argument("--home")
-    sk.add_argument("--prefect-port", type=int, default=4200)
-    sk.add_argument("--mlflow-port", type=int, default=5000)
-    sk.set_defaults(func=cmd_stack)
+    def stack_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--home", help="ftflow home (default: $FTFLOW_HOME, else ./.ftflow)")
+        sp.add_argument("--prefect-port", type=int, default=4200)
+        sp.add_argument("--mlflow-port", type=int, default=5000)
+        sp.add_argument("--backend", metavar="URI",
+                        help="MLflow backend store, e.g. postgresql://user@host/db "
+                        "(default: sqlite in the home)")
+        sp.add_argument("--prefect-db", metavar="URL",
+                        help="Prefect database, e.g. postgresql+asyncpg://user@host/db "
+                        "(default: $PREFECT_API_DATABASE_CONNECTION_URL, else sqlite)")
+        sp.add_argument("--pool", default="ftflow", help="the worker's work pool")
+        sp.add_argument("--worker-limit", type=int, default=1,
+                        help="flow runs the worker runs at once (default 1: one pipeline "
+                        "already uses every core)")
 
-    dp = sub.add_parser("deploy", help="serve the pipeline: cron schedule and/or data arrival")
-    dp.add_argument("config", nargs="?")
+    upp = sub.add_parser("up", help="start prefect server, a worker and mlflow server on "
+                         "127.0.0.1 in the background")
+    stack_options(upp)
+    upp.set_defaults(func=cmd_up)
+    sk = sub.add_parser("stack", help="`up` in the foreground: Ctrl-C/SIGTERM stops it all")
+    stack_options(sk)
+    sk.set_defaults(func=cmd_stack)
+    dn = sub.add_parser("down", help="stop the stack `up` started")
+    dn.add_argument("--home")
+    dn.add_argument("--grace", type=float, default=20.0,
+                    help="seconds between SIGTERM and SIGKILL")
+    dn.set_defaults(func=cmd_down)
+    stt = sub.add_parser("status", help="what of the stack runs, and its URLs (exit 0: all)")
+    stt.add_argument("--home")
+    stt.set_defaults(func=cmd_status)
+
+    dp = sub.add_parser("deploy", help="register the pipeline on the stack's work pool: "
+                        "cron schedule and/or data arrival")
+    dp.add_argument("items", nargs="*", help="[CONFIG.yaml] [section.key=value ...]")
     dp.add_argument("--cron", default="0 3 * * *")
     dp.add_argument("--watch", help="inbox folder: a new file there triggers a run")
+    dp.add_argument("--pool", help="work pool (default: the stack's, else ftflow)")
+    dp.add_argument("--replace", action="store_true",
+                    help="overwrite schedules/parameters edited in the UI since the last deploy")
     dp.set_defaults(func=cmd_deploy)
 
     _add_quality_model(sub)
@@ -158,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     quiet_offline_env()
+    apply_stack_env(default_home())  # a running `ftflow up` stack, unless the user set others
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may follow the options (argparse stops a positional list at them)

@@ -21,6 +21,8 @@ os.environ.update({
     # Real Prefect in its local mode, on a throwaway home: never the user's server.
     "PREFECT_HOME": str(_SESSION_TMP / "prefect"),
     "PREFECT_LOGGING_LEVEL": "WARNING",
+    # a developer's `ftflow up` stack in the repo's home must not receive the tests' runs
+    "FTFLOW_NO_STACK": "1",
 })
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
