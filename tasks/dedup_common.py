@@ -314,10 +314,12 @@ class CorpusIndex:
             raise ValueError(f"{path}: built with ngram/num_perm {tuple(data['params'])}, not "
                              f"({self.cfg.ngram}, {self.cfg.num_perm}); rebuild the curated "
                              "dataset with a full run")
+        # Each npz member is decompressed on every access: read each one once.
         offsets, scheme = data["offsets"], str(data["scheme"])
+        all_grams, hashvalues = data["grams"], data["minhashes"]
         for j, (rid, split, key) in enumerate(zip(data["ids"], data["splits"], data["keys"])):
-            grams = data["grams"][offsets[j]:offsets[j + 1]]
-            mh = LeanMinHash(seed=1, hashvalues=data["minhashes"][j], scheme=scheme)
+            grams = all_grams[offsets[j]:offsets[j + 1]]
+            mh = LeanMinHash(seed=1, hashvalues=hashvalues[j], scheme=scheme)
             sig = Signature(str(rid), str(split), False, bytes(key), mh, grams)
             index = self.heldout if split == "heldout" else self.train
             index.add(len(self.ids), sig)
