@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export FTFLOW_HOME ?= $(CURDIR)/.ftflow
 
-.PHONY: setup demo test lint stack up down clean constraints
+.PHONY: setup demo test lint stack up down clean constraints chromium
 
 setup: $(VENV)/.installed $(FTFLOW_HOME)/assets/lid.176.ftz
 
@@ -35,8 +35,14 @@ $(FTFLOW_HOME)/assets/lid.176.ftz: | $(VENV)/.installed
 demo: setup
 	time $(BIN)/ftflow run configs/demo.yaml
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest -q
+
+# The browser test (tests/test_ui.py) drives Debian's chromium through Playwright (Playwright's
+# own browser download needs the network); on a fresh Debian machine as root, install it.
+chromium:
+	@test -x /usr/bin/chromium || { DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 lint: setup
 	$(BIN)/ruff check data_contracts tasks flows infra benchmarks tests
