@@ -52,7 +52,7 @@ def main() -> None:
     if lid.exists():
         shutil.copy(lid, home / "assets" / lid.name)
     env = dict(os.environ, FTFLOW_HOME=str(home))
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "FTFLOW_NO_STACK"):
+    for key in ("PREFECT_API_URL", "FTFLOW_TRACKING_URI", "FTFLOW_NO_STACK"):
         env.pop(key, None)
 
     def ftflow(*a: str) -> str:

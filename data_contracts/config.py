@@ -47,7 +47,7 @@ class RunConfig(_Section):
     name: str = "ftflow-demo"
     home: str = Field(default_factory=lambda: str(default_home()))
     runs_dir: str = ""  # default: <home>/runs
-    tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db
+    tracking_uri: str = ""  # default: $FTFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db
     experiment: str = "ftflow"
     seed: int = 42
     timeouts: StageTimeouts = Field(default_factory=StageTimeouts)
@@ -56,12 +56,15 @@ class RunConfig(_Section):
         return Path(self.runs_dir or Path(self.home) / "runs")
 
     def resolved_tracking_uri(self) -> str:
-        """run.tracking_uri, else $MLFLOW_TRACKING_URI (a running `ftflow up` stack sets it
-        for every ftflow command and for deployed runs), else SQLite in the home."""
+        """run.tracking_uri, else $FTFLOW_TRACKING_URI (a running `ftflow up` stack sets it
+        for every ftflow command and for deployed runs), else SQLite in the home.
+
+        Not $MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that variable, so any
+        library or script in the process could redirect a run's tracking without a word."""
         if self.tracking_uri:
             return self.tracking_uri
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
+        if os.environ.get("FTFLOW_TRACKING_URI"):
+            return os.environ["FTFLOW_TRACKING_URI"]
         return f"sqlite:///{Path(self.home).absolute() / 'mlflow.db'}"
 
 

@@ -223,9 +223,9 @@ def register(home: Path, api_url: str, config_path: str | None, overrides: list[
     except (FileNotFoundError, json.JSONDecodeError):
         record = {}
     job_variables = {"working_dir": str(Path.cwd()), "env": {"FTFLOW_HOME": str(home)}}
-    tracking = os.environ.get("MLFLOW_TRACKING_URI")
+    tracking = os.environ.get("FTFLOW_TRACKING_URI")
     if tracking:  # the stack's MLflow server, for runs that set no run.tracking_uri
-        job_variables["env"]["MLFLOW_TRACKING_URI"] = tracking
+        job_variables["env"]["FTFLOW_TRACKING_URI"] = tracking
 
     async def run() -> list[str]:
         lines = []

@@ -7,7 +7,7 @@ records, also after ``up`` itself was killed half-way; ``ftflow status`` says wh
 ``ftflow stack`` is ``up`` in the foreground: Ctrl-C or SIGTERM stops all of it.
 
 Every other ``ftflow`` command uses a running stack of its home (``stack_env``) unless the
-user set ``PREFECT_API_URL`` / ``MLFLOW_TRACKING_URI`` (or ``run.tracking_uri``) themselves.
+user set ``PREFECT_API_URL`` / ``FTFLOW_TRACKING_URI`` (or ``run.tracking_uri``) themselves.
 Servers bind 127.0.0.1 only: the UIs have no authentication.
 """
 
@@ -154,12 +154,12 @@ def _write_state(home: Path, state: dict[str, Any]) -> None:
 
 
 def stack_env(home: Path) -> dict[str, str]:
-    """PREFECT_API_URL and MLFLOW_TRACKING_URI of the stack running in ``home``, else {}."""
+    """PREFECT_API_URL and FTFLOW_TRACKING_URI of the stack running in ``home``, else {}."""
     state = read_state(home)
     if not state or not all(c in state and _alive(state[c]) for c in ("prefect", "mlflow")):
         return {}
     return {"PREFECT_API_URL": state["prefect"]["api_url"],
-            "MLFLOW_TRACKING_URI": state["mlflow"]["url"]}
+            "FTFLOW_TRACKING_URI": state["mlflow"]["url"]}
 
 
 def apply_stack_env(home: Path) -> dict[str, str]:
@@ -250,7 +250,7 @@ def _base_env(home: Path, prefect_port: int) -> dict[str, str]:
     env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false",
                MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1",
                PREFECT_UI_API_URL=f"http://{HOST}:{prefect_port}/api")
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):  # never another stack's
+    for key in ("PREFECT_API_URL", "FTFLOW_TRACKING_URI"):  # never another stack's
         env.pop(key, None)
     return env
 
@@ -353,7 +353,7 @@ def up(home: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
 
         # The worker creates its pool (type process, default job template) when missing.
         worker_env = dict(env, PREFECT_API_URL=api_url, PREFECT_HOME=str(home / "prefect"),
-                          FTFLOW_HOME=str(home), MLFLOW_TRACKING_URI=mlflow_url)
+                          FTFLOW_HOME=str(home), FTFLOW_TRACKING_URI=mlflow_url)
         (home / "prefect").mkdir(exist_ok=True)
         wlog = logs / "prefect-worker.log"
         # --limit: flow runs at once; the pipeline uses every core, two at once only contend
@@ -425,7 +425,7 @@ def _print_urls(state: dict[str, Any]) -> None:
     if "prefect" in state:
         print(f"  export PREFECT_API_URL={state['prefect']['api_url']}")
     if "mlflow" in state:
-        print(f"  export MLFLOW_TRACKING_URI={state['mlflow']['url']}")
+        print(f"  export FTFLOW_TRACKING_URI={state['mlflow']['url']}")
 
 
 # ---------------------------------------------------------------- stopping and status

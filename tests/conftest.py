@@ -26,6 +26,7 @@ os.environ.update({
 })
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("FTFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

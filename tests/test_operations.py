@@ -52,7 +52,7 @@ def user_env(home: Path) -> dict[str, str]:
                # the scheduler looks every 5 s (default 60), the worker polls every 2 s
                PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
                PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="30")
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "PREFECT_API_DATABASE_CONNECTION_URL",
+    for key in ("PREFECT_API_URL", "FTFLOW_TRACKING_URI", "PREFECT_API_DATABASE_CONNECTION_URL",
                 "FTFLOW_NO_STACK"):
         env.pop(key, None)
     return env
