@@ -94,7 +94,7 @@ class Progress:
         self._bar.close()
 
 
-def trainer_progress(stage: str = "train") -> Any:
+def trainer_progress(stage: str = "train steps") -> Any:
     """A transformers TrainerCallback that shows training steps with the latest loss."""
     from transformers import TrainerCallback
 

@@ -102,7 +102,7 @@ class StageDir:
         carry = self.inputs[0] if self.heldout == "carry" and self.inputs else None
         if total is None and self.inputs and is_stage_dir(self.inputs[0]):
             try:
-                total = Manifest.read(self.inputs[0]).splits.get("train")
+                total = Manifest.read(self.inputs[0]).kept  # every record read is written once
             except (FileNotFoundError, ValueError):
                 total = None
         return StageWriter(into or self.dir, self.stage, input_digests=self.digests,

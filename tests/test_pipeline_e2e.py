@@ -141,9 +141,10 @@ def test_prefect_shows_stages_by_name_progress_tables_gate_and_readable_logs(
     task_runs, artifacts, logs = _prefect_view(pipeline_run["flow_run_id"])
     assert set(STAGE_NAMES) <= {t.name for t in task_runs}
     progress = {str(a.description).split(":")[0]: a for a in artifacts if a.type == "progress"}
-    assert {"ingest", "pii", "dedup", "train"} <= set(progress), progress.keys()
-    assert float(progress["train"].data) == 100.0
-    assert "steps" in progress["train"].description and "loss" in progress["train"].description
+    assert {"ingest", "pii", "dedup", "train", "train steps"} <= set(progress), progress.keys()
+    assert float(progress["train steps"].data) == 100.0
+    assert "loss" in progress["train steps"].description
+    assert float(progress["pii"].data) == 100.0  # every record read was written
     by_key = {a.key: a for a in artifacts if a.key}
     assert by_key["ftflow-ledger"].type == "table" and "01-ingest" in str(by_key["ftflow-ledger"].data)
     assert by_key["ftflow-eval"].type == "table" and "word_perplexity" in str(by_key["ftflow-eval"].data)

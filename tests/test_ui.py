@@ -155,7 +155,7 @@ def test_mlflow_ui_shows_the_run_its_datasets_and_its_registered_model(ui_stack,
     train_set = next(n for n in names if n.endswith("/train"))  # 07-dedup-synthetic/train
     # the overview lists the first dataset and folds the rest into "+N"
     expect(body).to_contain_text(train_set, timeout=WAIT_MS)
-    expect(body).to_contain_text("Training", timeout=WAIT_MS)  # the dataset's context
+    expect(body).to_contain_text("training", timeout=WAIT_MS)  # the dataset's context
     # the registered version and its alias, as the run's tags show them
     expect(body).to_contain_text("models:/ftflow-ui@candidate", timeout=WAIT_MS)
     expect(body).to_contain_text("curated dataset version 1", timeout=WAIT_MS)  # description
