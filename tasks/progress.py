@@ -88,8 +88,8 @@ class Progress:
         self._bar.refresh()
 
     def close(self) -> None:
-        if self.total is not None and self.done < self.total:
-            self.total = self.done  # a stage that ends early (early stopping) is still done
+        if self.total is None or self.done < self.total:
+            self.total = self.done  # unknown ahead (raw input), or ended early: it is done
         self._push(force=True)
         self._bar.close()
 
