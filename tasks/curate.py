@@ -68,7 +68,12 @@ def index_files(home: str | Path, name: str) -> list[Path]:
     root, last = dataset_dir(home, name), latest(home, name)
     if last is None:
         return []
-    return [root / "shards" / s / INDEX_NAME for s in last["shards"]]
+    files = [root / "shards" / s / INDEX_NAME for s in last["shards"]]
+    missing = [f.parent.name for f in files if not f.exists()]
+    if missing:  # shards deduplicated by the datatrove engine persist no signatures
+        log.warning("curated shards %s have no dedup index: new records are not compared with "
+                    "them (rebuild with a full run on dedup.executor=local)", missing)
+    return [f for f in files if f.exists()]
 
 
 def _link(src: Path, dst: Path) -> None:
