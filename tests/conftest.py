@@ -69,5 +69,30 @@ def train_dir(session_home: Path) -> Path:
         return build_train_dir(session_home / "train-fixture", session_home)
 
 
+PG = "postgres@127.0.0.1:5432"  # the machine's PostgreSQL (trust auth)
+
+
+@pytest.fixture
+def pg_databases() -> Iterator[list[str]]:
+    """Two fresh PostgreSQL databases (Prefect's, MLflow's), dropped afterwards."""
+    import uuid
+
+    import psycopg
+
+    try:
+        conn = psycopg.connect(f"postgresql://{PG}/postgres", connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as err:
+        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is expected on this machine: {err}")
+    names = [f"ftflow_test_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("prefect", "mlflow")]
+    with conn.cursor() as cur:
+        for name in names:
+            cur.execute(f"CREATE DATABASE {name}")
+    yield names
+    with conn.cursor() as cur:
+        for name in names:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    conn.close()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)

@@ -20,16 +20,16 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from conftest import PG
+
 REPO = Path(__file__).resolve().parents[1]
 FTFLOW = Path(sys.executable).with_name("ftflow")  # the console script the install made
-PG = "postgres@127.0.0.1:5432"
 pytestmark = [pytest.mark.operations, pytest.mark.slow]
 
 
@@ -287,23 +287,6 @@ def test_down_after_up_was_killed(tmp_path: Path, sig: signal.Signals) -> None:
 
 # ------------------------------------------------------------------ foreground, PostgreSQL
 
-@pytest.fixture
-def pg_databases():
-    import psycopg
-
-    try:
-        conn = psycopg.connect(f"postgresql://{PG}/postgres", connect_timeout=3, autocommit=True)
-    except psycopg.OperationalError as err:
-        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is expected on this machine: {err}")
-    names = [f"ftflow_ops_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("prefect", "mlflow")]
-    with conn.cursor() as cur:
-        for name in names:
-            cur.execute(f"CREATE DATABASE {name}")
-    yield names
-    with conn.cursor() as cur:
-        for name in names:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    conn.close()
 
 
 def test_foreground_stack_on_postgresql_runs_a_deployment_and_stops_on_sigterm(

@@ -7,16 +7,15 @@ import os
 import socket
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 from flows.stack import local_servers
+from conftest import PG
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-PG = "postgres@127.0.0.1:5432"
 
 
 def free_port() -> int:
@@ -25,23 +24,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def pg_databases():
-    import psycopg
-
-    try:
-        conn = psycopg.connect(f"postgresql://{PG}/postgres", connect_timeout=3, autocommit=True)
-    except psycopg.OperationalError as err:
-        pytest.fail(f"PostgreSQL on 127.0.0.1:5432 is expected on this machine: {err}")
-    names = [f"ftflow_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("prefect", "mlflow")]
-    with conn.cursor() as cur:
-        for name in names:
-            cur.execute(f"CREATE DATABASE {name}")
-    yield names
-    with conn.cursor() as cur:
-        for name in names:
-            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    conn.close()
 
 
 def test_pipeline_against_real_servers(tmp_path: Path, session_home: Path, pg_databases) -> None:
