@@ -44,6 +44,10 @@ class EvaluateOutput(StageOutput):
     gate_metric: str
     results: str  # results.json: both models' scores
     comparison: str  # comparison.md: the base-vs-tuned table
+    # The tuned model's score on the target (gate) metric, and its direction: what export
+    # compares with the current champion's before it moves the `champion` alias.
+    target_score: float | None = None
+    higher_is_better: bool = True
 
 
 class ExportOutput(StageOutput):
