@@ -108,18 +108,18 @@ def arrivals(s: SimpleNamespace) -> SimpleNamespace:
     """
     inbox = s.cwd / "inbox"
     inbox.mkdir(exist_ok=True)
-    lines = (REPO / "sample_data" / "support_chat.jsonl").read_text().splitlines()
+    lines = (REPO / "sample_data" / "support_chat.jsonl").read_bytes().splitlines()  # bad bytes too
     dep = deployment(s.api_url, "finetune-pipeline/on-new-data")["id"]
     burst = [f"burst-{i}.jsonl" for i in range(5)]
     t0 = time.monotonic()
     for i, name in enumerate(burst):
-        (inbox / name).write_text("\n".join(lines[i * 20:(i + 1) * 20]) + "\n")
+        (inbox / name).write_bytes(b"\n".join(lines[i * 20:(i + 1) * 20]) + b"\n")
         time.sleep(0.4)
     assert time.monotonic() - t0 < 2.5
     first = wait_until("a run for the burst", lambda: [
         r for r in on_data_runs(s.api_url, dep) if r["state_type"] == "RUNNING"], 300)[0]
     late = inbox / "late.jsonl"
-    late.write_text("\n".join(lines[100:120]) + "\n")
+    late.write_bytes(b"\n".join(lines[100:120]) + b"\n")
     landed = time.time()
     done = lambda: [r for r in on_data_runs(s.api_url, dep)  # noqa: E731
                     if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")]
