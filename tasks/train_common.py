@@ -17,7 +17,7 @@ from typing import Any, Callable
 from data_contracts.config import TrainConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
-from tasks.base_model import check_safetensors, resolve_base_model
+from tasks.base_model import resolve_base_model
 from tasks.chat_templates import check_round_trip, prepare_tokenizer
 from data_contracts.stage_outputs import TrainOutput
 from tasks.io import read_records
@@ -247,7 +247,6 @@ class TrainRun:
 
         self.job, self.cfg = job, job.cfg
         self.base = resolve_base_model(job.cfg.base_model, job.home)
-        check_safetensors(self.base, job.cfg.allow_pickle)
         self.cuda = torch.cuda.is_available()
         self.tokenizer, self.template_source = prepare_tokenizer(self.base, job.cfg)
         self.ranks = Ranks()  # under `accelerate launch`: all train, the main process writes

@@ -21,7 +21,7 @@ from tasks.tracking import Tracker
 FILTERED_EMAIL = "hanna.vogel@beispiel-firma.de"  # in a German row: filtered (language)
 FILTERED_KEY = "AKIAQWERTYUIOPASDFGH"
 QUARANTINED_PHONE = "+1-415-555-0173"  # in a line that is not JSON
-SHORT_EMAIL = "bo@tiny.io"  # in a row too short to keep (min_words)
+SHORT_EMAIL = "bo@tiny.io"  # in a row too short to keep (min_words=6)
 
 
 def chat(user: str, answer: str) -> str:
@@ -54,16 +54,18 @@ def logged(tmp_path_factory: pytest.TempPathFactory, session_home: Path
     work = tmp_path_factory.mktemp("privacy")
     src = work / "raw.jsonl"
     src.write_text("\n".join([
-        chat("How do I reset the password on my account page?",
-             "Open the settings page, choose security and press reset to get a new link."),
+        chat("How do I reset the password on my account page? I tried twice this morning and "
+             "the page keeps telling me that the link has expired.",
+             "Thanks for reaching out. Open the settings page, choose security and press reset; "
+             "a new link arrives by email within a few minutes and it stays valid for a day."),
         chat(f"Ich kann mich nicht anmelden, bitte schreiben Sie an {FILTERED_EMAIL}, mein "
              f"Schlüssel ist {FILTERED_KEY} und das Passwort funktioniert nicht mehr.",
              "Bitte öffnen Sie die Einstellungen und setzen Sie das Passwort dort zurück."),
         f'{{"messages": [{{"role": "user", "content": "call {QUARANTINED_PHONE}"}}',
-        chat(SHORT_EMAIL, "ok"),
+        chat(f"mail {SHORT_EMAIL}", "ok"),
     ]) + "\n")
     out = work / "01-ingest"
-    manifest = run_ingest(str(src), out, IngestConfig(), home=session_home)
+    manifest = run_ingest(str(src), out, IngestConfig(min_words=6), home=session_home)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     tracker = Tracker(uri, "privacy", work / "mlartifacts")
     parent = tracker.start_parent("privacy", {}, {})
@@ -76,7 +78,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory, session_home: Path
 def test_ingest_wrote_the_planted_rows_as_filtered_and_quarantined(logged) -> None:
     out, _, _, _ = logged
     m = Manifest.read(out).check()
-    assert m.quarantined == 1 and m.filtered_total == 2 and m.kept == 1
+    assert m.quarantined == 1 and m.filtered == {"language": 1, "min_words": 1} and m.kept == 1
     found = scan(out, [FILTERED_EMAIL, FILTERED_KEY, QUARANTINED_PHONE, SHORT_EMAIL])
     assert set(found) == {"filtered.jsonl.gz", "quarantine.jsonl.gz"}  # kept in the run folder
 
