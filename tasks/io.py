@@ -307,8 +307,8 @@ def _iter_json_array(path: str, blocks: Iterable[bytes], limit: int
 
     try:
         for data in blocks:
-            if count == 0 and depth == 0:
-                data = data.replace(b"\xef\xbb\xbf", b"", 1)  # a byte-order mark
+            if count == 0 and depth == 0 and line == 1:
+                data = data.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark
             pos, i, n = 0, 0, len(data)
             while i < n:
                 if esc:
