@@ -150,7 +150,8 @@ def _decode(line: bytes, first: bool) -> str:
 def _over_size_error(what: str, over: _OverSize, limit: int) -> str:
     size = f"at least {over.size}" if over.stopped else str(over.size)
     error = f"{what} is {size} bytes, over ingest.max_record_bytes ({limit}); content not kept"
-    return error + (f"; reading stopped: {over.stopped}" if over.stopped else "")
+    stopped = f"; reading stopped: {over.stopped}; the file is not read past it"
+    return error + (stopped if over.stopped else "")
 
 
 def expand_inputs(patterns: Iterable[str]) -> list[str]:

@@ -60,6 +60,11 @@ ANSWERS = [
     "Sorry about the trouble. Please sign out and in again; the invoice page should work now.",
     "Done: the billing profile is updated and the next invoice will use the new details.",
 ]
+# A key block confuses language id: the row around it needs enough English to be kept.
+KEY_SENTENCE = ("Our deploy job fails since the weekend and I do not understand why. The key that "
+                "the job uses is below, it worked for months and nothing changed on our side:\n{v}"
+                "\nCould you please check whether the account page still accepts this key for the "
+                "deploy job?")
 # Never reach the PII stage: a German row (filtered: language), a line that is not JSON.
 FILTERED = ["hanna.vogel@beispiel-firma.de", "AKIAQWERTYUIOPASDFGH", "+1-415-555-0173"]
 QUARANTINED = ["ghp_QuarantinedToken0000000000000000000x", "quarantined.user@example.net"]
@@ -72,7 +77,8 @@ def write_inputs(folder: Path) -> Path:
     rows = [c.model_dump(mode="json", exclude_none=True) for c in support_chats(60, seed=5)]
     for kind, values in PLANTED.items():
         for i, (value, _) in enumerate(values):
-            for j, sentence in enumerate(SENTENCES[: 2 if kind != "private_key" else 1]):
+            for j, sentence in enumerate([KEY_SENTENCE] if kind == "private_key"
+                                         else SENTENCES[:2]):
                 rows.append({"messages": [
                     {"role": "user", "content": f"({kind} {i}.{j}) " + sentence.format(v=value)},
                     {"role": "assistant", "content": rng.choice(ANSWERS)}]})
@@ -91,11 +97,16 @@ def write_inputs(folder: Path) -> Path:
 
 
 def scan(root: Path, values: list[str]) -> dict[str, list[str]]:
-    """Planted values in any file under root: raw bytes, gzip read decompressed, and JSON's
-    escaped form (a newline inside a value is written as \\n in JSON and in the databases)."""
+    """Planted values in any file under root (see scan_files)."""
+    return scan_files(root.rglob("*"), values)
+
+
+def scan_files(paths, values: list[str]) -> dict[str, list[str]]:
+    """Planted values in these files: raw bytes, gzip read decompressed, and JSON's escaped
+    form (a newline inside a value is written as \\n in JSON and in the databases)."""
     forms = {v: {v.encode(), json.dumps(v)[1:-1].encode()} for v in values}
     found: dict[str, list[str]] = {}
-    for path in root.rglob("*"):
+    for path in paths:
         if not path.is_file():
             continue
         data = path.read_bytes()
@@ -126,11 +137,12 @@ def leak_run(tmp_path_factory: pytest.TempPathFactory, session_home: Path) -> di
 
 
 def _after_pii(out: dict) -> list[Path]:
-    run_dir = Path(out["run_dir"])
-    home = Path(out["home"])
-    roots = [p for p in sorted(run_dir.iterdir()) if p.is_dir() and p.name != "01-ingest"]
-    roots += [home / "curated", home / "mlartifacts"]
-    return [r for r in roots if r.exists()]
+    """Every file the run wrote after ingest: stage directories, LEDGER.md, curated dataset,
+    MLflow's artifact store."""
+    run_dir, home = Path(out["run_dir"]), Path(out["home"])
+    files = [p for p in run_dir.rglob("*") if "01-ingest" not in p.relative_to(run_dir).parts]
+    files += [*(home / "curated").rglob("*"), *(home / "mlartifacts").rglob("*")]
+    return files
 
 
 def test_the_run_saw_every_planted_value(leak_run: dict) -> None:
@@ -142,16 +154,25 @@ def test_the_run_saw_every_planted_value(leak_run: dict) -> None:
     assert m.quarantined == 1 and m.filtered.get("language", 0) >= 1
     pii = Manifest.read(Path(leak_run["run_dir"]) / "02-pii")
     assert pii.metrics["pii.records_with_pii"] >= 20
+    # Every value planted in a kept row was handed to the PII stage (ingest kept it) ...
     kept_values = [check for values in PLANTED.values() for _, check in values]
-    assert scan(ingest_dir, kept_values + FILTERED + QUARANTINED)  # where they may be
+    handed = {v for hits in scan_files(ingest_dir.glob("train-*.jsonl.gz"), kept_values).values()
+              for v in hits}
+    assert handed == set(kept_values)
+    # ... and the others stayed in ingest's private files.
+    private = {v for hits in scan_files([ingest_dir / "filtered.jsonl.gz",
+                                         ingest_dir / "quarantine.jsonl.gz"],
+                                        FILTERED + QUARANTINED).values() for v in hits}
+    assert private == set(FILTERED + QUARANTINED)
 
 
 def test_no_planted_value_after_the_pii_stage(leak_run: dict) -> None:
     values = [check for vals in PLANTED.values() for _, check in vals] + FILTERED + QUARANTINED
-    found: dict[str, list[str]] = {}
-    for root in _after_pii(leak_run):
-        found.update(scan(root, values))
-    assert found == {}
+    files = _after_pii(leak_run)
+    names = {p.name for p in files}
+    assert {"MODEL_CARD.md", "README.md", "ftflow_heldout_mc.jsonl"} <= names  # card, eval tasks
+    assert any(p.name.startswith("heldout-") for p in files)
+    assert scan_files(files, values) == {}
 
 
 def test_no_planted_value_in_mlflow_or_prefect(leak_run: dict) -> None:
