@@ -12,7 +12,7 @@ import pytest
 
 from data_contracts.config import IngestConfig
 from data_contracts.manifest import Manifest
-from tasks.io import ReadLimits, iter_input
+from tasks.io import iter_input
 
 ALPACA = [
     {"instruction": "Explain how to reset a password on the account page.",
@@ -81,6 +81,7 @@ def test_a_file_that_is_neither_is_one_error_naming_it(ingested) -> None:
 def test_array_is_streamed_within_the_record_bound(tmp_path: Path) -> None:
     """An element over max_record_bytes is skipped with its size; the elements around it and
     a cut-off array's readable part are kept, the rest is one entry."""
+    from tasks.io import ReadLimits  # the bound's settings (new with it)
     big = {"instruction": "x" * 5000, "output": "y"}
     path = tmp_path / "big.json"
     path.write_text(json.dumps([ALPACA[0], big, ALPACA[1]]))
