@@ -158,6 +158,31 @@ def _run_ended_badly(run: str) -> bool:
     return state is not None and state.is_final() and not state.is_completed()
 
 
+def _drop_backlog() -> None:
+    """Delete this deployment's watcher runs that are due and not started: this run's scan
+    covers them. (A machine too busy to start a watcher every 15 s, or a worker held by a long
+    pipeline run, would otherwise work through a queue of them one process each.)"""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId,
+                                                FlowRunFilter, FlowRunFilterExpectedStartTime,
+                                                FlowRunFilterState, FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.runtime import deployment as this_deployment
+    from prefect.types._datetime import now
+
+    deployment = this_deployment.get_id()
+    if not deployment:
+        return
+    with get_client(sync_client=True) as client:
+        due = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
+                expected_start_time=FlowRunFilterExpectedStartTime(before_=now("UTC"))))
+        for run in due:
+            client.delete_flow_run(run.id)
+
+
 def _candidates(inbox: Path) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
     for pattern in PATTERNS:
@@ -178,6 +203,7 @@ def _digest(path: str) -> str:
 @flow(name="watch-inbox")
 def watch_inbox(inbox: str, home: str, settle_s: float = 5.0) -> list[str]:
     """Emit one ftflow.data.arrived event naming the complete new files in the inbox."""
+    _drop_backlog()
     arrivals = Arrivals(home)
     freed = arrivals.release_dead(_run_ended_badly)
     if freed:

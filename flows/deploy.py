@@ -55,6 +55,7 @@ class Spec:
     parameters: dict[str, Any]
     cron: str | None = None
     interval_s: int | None = None
+    queue: str = "default"
     triggers: list[Any] = field(default_factory=list)
 
     @property
@@ -100,7 +101,8 @@ def specs(config_path: str | None, overrides: list[str], cron: str, watch: str |
         # The watcher keeps its state where the runs claim files: the runs' ftflow home.
         home = home or load_config(config_path, overrides).run.home
         out.append(Spec(POLLER, "poll", {"inbox": str(inbox), "home": str(home),
-                                         "settle_s": settle_s}, interval_s=poll_s))
+                                         "settle_s": settle_s}, interval_s=poll_s,
+                        queue=WATCH_QUEUE))
     return out
 
 
@@ -151,7 +153,8 @@ async def _apply(client: Any, spec: Spec, pool: str, job_variables: dict[str, An
     schema = parameter_schema(spec.entrypoint).model_dump(exclude_unset=True)
     common: dict[str, Any] = dict(
         entrypoint=spec.entrypoint, path=None, pull_steps=[], work_pool_name=pool,
-        job_variables=job_variables, parameter_openapi_schema=schema)
+        work_queue_name=spec.queue, job_variables=job_variables,
+        parameter_openapi_schema=schema)
     try:
         existing = await client.read_deployment_by_name(spec.full_name)
     except ObjectNotFound:
@@ -194,11 +197,18 @@ async def _apply(client: Any, spec: Spec, pool: str, job_variables: dict[str, An
     return what, now, {k: v for k, v in applied.items() if v is not None}
 
 
+# The watcher's runs wait in a queue of their own, after the pipeline's: the worker runs one
+# flow at a time, so with one queue a backlog of watcher runs (every 15 s, while a pipeline run
+# holds the worker) went first, by schedule time, and a data-triggered run waited behind it.
+WATCH_QUEUE, WATCH_PRIORITY = "watch", 10
+
+
 async def _ensure_pool(pool: str) -> bool:
-    """The work pool exists (created as a process pool if not); True if a worker polls it."""
+    """The work pool exists (created as a process pool if not), with the watcher's queue
+    behind the default one; True if a worker polls it."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     async with get_client() as client:
         try:
@@ -209,6 +219,13 @@ async def _ensure_pool(pool: str) -> bool:
             await client.create_work_pool(WorkPoolCreate(
                 name=pool, type="process",
                 base_job_template=ProcessWorker.get_default_base_job_template()))
+        try:
+            await client.create_work_queue(name=WATCH_QUEUE, work_pool_name=pool,
+                                           priority=WATCH_PRIORITY)
+        except ObjectAlreadyExists:
+            queue = await client.read_work_queue_by_name(WATCH_QUEUE, work_pool_name=pool)
+            if queue.priority != WATCH_PRIORITY:
+                await client.update_work_queue(queue.id, priority=WATCH_PRIORITY)
         workers = await client.read_workers_for_work_pool(pool)
     return any(str(getattr(w.status, "value", w.status)) == "ONLINE" for w in workers)
 

@@ -248,6 +248,11 @@ def test_redeploy_keeps_what_the_user_edited_in_the_ui(stack) -> None:
     assert trigger["schedules"] == [] and trigger["work_pool_name"] == "ftflow"
     poll = deployment(stack.api_url, "watch-inbox/poll")
     assert poll["parameters"]["inbox"] == str(inbox)
+    # the watcher's runs queue behind the pipeline's: a backlog of them never delays a run
+    assert (poll["work_queue_name"], trigger["work_queue_name"]) == ("watch", "default")
+    queues = {q["name"]: q["priority"] for q in api(
+        f"{stack.api_url}/work_pools/ftflow/queues/filter", {})}
+    assert queues["watch"] > queues["default"], queues  # a larger number runs later
     automations = api(f"{stack.api_url}/automations/filter", {})
     assert any("ftflow.data.arrived" in a["trigger"]["expect"] for a in automations)
 
