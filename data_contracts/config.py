@@ -103,6 +103,12 @@ class IngestConfig(_Section):
     # quality_threshold are filtered as low_quality. "": off.
     quality_model: str = ""
     quality_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    # Filter processes: 0 = one per available CPU (capped), 1 = in the stage's own process.
+    workers: int = Field(0, ge=0)
+
+    def digest(self) -> str:
+        """As every section's, minus `workers`: the output is the same for any worker count."""
+        return _Section.digest(self.model_copy(update={"workers": 0}))
 
     @field_validator("max_tokens")
     @classmethod
