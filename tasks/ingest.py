@@ -46,6 +46,7 @@ from tasks.words import (
     FastGopherRepetitionFilter,
     RunCachedWordTokenizer,
 )
+from tasks.prose import FullText, ProseOnly
 from tasks.quality import QualityModel
 
 log = logging.getLogger(__name__)
@@ -435,10 +436,15 @@ def build_filters(cfg: IngestConfig, home: str | Path, base_model: str = "",
 
 def build_steps(cfg: IngestConfig, filters: list[BaseFilter]) -> list[PipelineStep]:
     """The whole chain judge() runs: encoding repair, then the filters, each dropping into a
-    collector."""
+    collector; with gopher_prose_only, language id and the Gopher rules read the prose part."""
     for step in filters:
         step.exclusion_writer = _Collect(REASONS[type(step)])
     steps: list[PipelineStep] = list(filters)
+    prose_judged = [i for i, s in enumerate(steps) if isinstance(
+        s, (LocalLanguageFilter, FastGopherQualityFilter, FastGopherRepetitionFilter))]
+    if cfg.gopher_prose_only and prose_judged:
+        steps.insert(prose_judged[-1] + 1, FullText())
+        steps.insert(prose_judged[0], ProseOnly(cfg.gopher_min_doc_words))
     if cfg.repair_encoding and HAS_FTFY:
         steps.insert(0, RepairEncoding())
     return steps

@@ -332,3 +332,23 @@ def test_token_bounds_need_a_tokenizer_and_cfg_tokenizer_wins(tmp_path: Path, ho
     assert m.filtered == {"token_length": 1} and m.info["tokenizer"] == "builtin:tiny-llama"
     with pytest.raises(ValueError, match="max_tokens"):
         IngestConfig(min_tokens=10, max_tokens=5)
+
+
+def test_gopher_prose_only_judges_the_prose_of_a_technical_answer(tmp_path: Path,
+                                                                  home: Path) -> None:
+    answer = ("You can list the installed versions and pin the one that works for you:\n\n"
+              "```bash\n$ pip list --format=json | jq '.[] | .name + \"==\" + .version'\n"
+              "\"numpy==2.4.6\"\n\"pandas==2.3.1\"\n\"scipy==1.16.0\"\n```\n\n"
+              "| package | version | status |\n|---|---|---|\n| numpy | 2.4.6 | ok |\n"
+              "| pandas | 2.3.1 | ok |\n| scipy | 1.16.0 | broken |\n")
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        _chat("tech", "How do I see which versions of my packages are installed?", answer),
+        _chat("soup", "!!!@@@ ### $$$ %%% ^^^ &&& ***", "```\n??? *** ((( )))\n```"),
+    ]) + "\n")
+    default = run_ingest(path, tmp_path / "default", IngestConfig(workers=1), home=home)
+    prose = run_ingest(path, tmp_path / "prose", IngestConfig(workers=1, gopher_prose_only=True),
+                       home=home)
+    assert default.kept == 0 and prose.kept == 1
+    assert [r.id for r in read_records(tmp_path / "prose")] == ["tech"]
+    assert read_records(tmp_path / "prose").__next__().messages[1].content == answer

@@ -174,3 +174,15 @@ def test_output_is_the_same_for_any_worker_count(tmp_path: Path, home: Path) -> 
         m3.kept, m3.filtered, m3.quarantined, m3.metrics)
     assert m1.filtered["gopher_repetition"] > 0 and m1.filtered["language"] > 0
     assert m1.records_in == 701 and m1.kept + sum(m1.filtered.values()) + 1 == 701
+
+
+def test_prose_sets_aside_code_tables_tracebacks_and_prompts() -> None:
+    from tasks.prose import prose
+
+    text = ("## Install\n\nRun the installer, then check the version:\n\n```bash\n$ pip install x\n"
+            "x --version\n```\n\n| option | default |\n|---|---|\n| --fast | off |\n\n"
+            "Traceback (most recent call last):\n  File \"a.py\", line 3, in <module>\n"
+            "    main()\n>>> import x\nIf it fails, send us the log.\n```\nunclosed fence")
+    assert prose(text).split() == ("Install Run the installer, then check the version: "
+                                   "If it fails, send us the log.").split()
+
