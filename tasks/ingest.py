@@ -340,6 +340,21 @@ class LocalFT176LID(FT176LID):
             self._model = _load_fasttext(self.model_path)
         return self._model
 
+    def predict(self, doc: Document) -> tuple[tuple[str, float], dict[str, float]]:
+        """FT176LID.predict's result without its dict of all 176 labels per record: fastText
+        returns the labels best first, and only the wanted languages' scores are looked up."""
+        langs, scores = self.model.predict(doc.text.replace("\n", " "), k=self.k)
+        best = (langs[0].split("__")[2], scores[0].item())
+        if not self.languages:
+            return best, {lang.split("__")[2]: s.item() for lang, s in zip(langs, scores)}
+        wanted: dict[str, float] = {}
+        for lang in self.languages:
+            try:
+                wanted[lang] = scores[langs.index(f"__label__{lang}")].item()
+            except ValueError:  # not among the k labels returned
+                wanted[lang] = 0.0
+        return best, wanted
+
 
 class LocalLanguageFilter(LanguageFilter):
     """datatrove's LanguageFilter on a local lid.176 model (works offline)."""

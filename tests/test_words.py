@@ -186,3 +186,18 @@ def test_prose_sets_aside_code_tables_tracebacks_and_prompts() -> None:
     assert prose(text).split() == ("Install Run the installer, then check the version: "
                                    "If it fails, send us the log.").split()
 
+
+def test_local_language_id_predicts_as_datatrove(corpus: list[str], home: Path) -> None:
+    from datatrove.utils.lid import FT176LID
+
+    from tasks.assets import ensure_lid_model
+    from tasks.ingest import LocalFT176LID
+
+    path = ensure_lid_model(home)
+    for languages in (["en"], ["en", "de", "xx"], None):
+        ours = LocalFT176LID(path, languages)
+        reference = FT176LID(languages)
+        reference._model = ours.model  # datatrove's own predict on the same local model
+        for text in corpus + ["Wie kann ich mein Passwort zurücksetzen?", "¿Dónde está?"]:
+            doc = Document(text=text or " ", id="x")
+            assert ours.predict(doc) == reference.predict(doc), text[:60]
