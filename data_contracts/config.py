@@ -86,6 +86,10 @@ class IngestConfig(_Section):
     # Gopher: 80% of words hold a letter; datatrove counts punctuation tokens as words, which
     # puts clean support answers ("Settings > Billing", "5 to 7 days") near 0.8.
     gopher_min_alpha_words_ratio: float = Field(0.65, ge=0.0, le=1.0)
+    # Language id and the Gopher rules judge the prose of a turn: code blocks, tables,
+    # tracebacks and prompts set aside (tasks/prose.py). Off by default until the chat
+    # thresholds are set from benchmarks/bench_technical.py (BENCHMARKS.md).
+    gopher_prose_only: bool = False
     gopher_repetition: bool = True
     repetition_dup_line_frac: float = Field(0.3, gt=0.0, le=1.0)
     repetition_top_ngram_frac: float = Field(0.3, gt=0.0, le=1.0)  # Gopher: 0.20 for 2-grams
@@ -109,6 +113,12 @@ class IngestConfig(_Section):
     # size (past the first 64 MiB) is not read further (0: no ratio bound).
     max_record_bytes: int = Field(8 * 1024 * 1024, gt=0)
     max_decompression_ratio: float = Field(100.0, ge=0.0)
+    # Filter processes: 0 = one per available CPU (capped), 1 = in the stage's own process.
+    workers: int = Field(0, ge=0)
+
+    def digest(self) -> str:
+        """As every section's, minus `workers`: the output is the same for any worker count."""
+        return _Section.digest(self.model_copy(update={"workers": 0}))
 
     @field_validator("max_tokens")
     @classmethod

@@ -12,25 +12,27 @@ Gopher, quality) read the prompt + chosen reply, the refusal filter reads the ch
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
+import multiprocessing
+import os
 import re
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.filters import (
-    GopherQualityFilter,
-    GopherRepetitionFilter,
-    LanguageFilter,
-)
+from datatrove.pipeline.filters import LanguageFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.lid import FT176LID
-from datatrove.utils.word_tokenizers import SpaCyTokenizer, strip_strings
 
 from data_contracts.config import ConfigError, IngestConfig
 from data_contracts.manifest import Manifest
@@ -39,6 +41,12 @@ from tasks.assets import ensure_lid_model
 from tasks.base_model import resolve_base_model
 from tasks.io import DEFAULT_LIMITS, Quarantined, ReadLimits, file_digest, iter_input
 from tasks.stage_dir import StageDir, StageWriter
+from tasks.words import (
+    FastGopherQualityFilter,
+    FastGopherRepetitionFilter,
+    RunCachedWordTokenizer,
+)
+from tasks.prose import FullText, ProseOnly
 from tasks.quality import QualityModel
 
 log = logging.getLogger(__name__)
@@ -73,13 +81,20 @@ def _record(doc: Document) -> ChatSample:
     return doc.metadata["record"]
 
 
-class _ToLedger:
-    """A filter's exclusion writer: every document it drops goes to the stage's ledger."""
+# A record's verdict: kept (the record, with what the filters learned in its meta) or dropped
+# (the filter's reason, its details, the sub-rule if any, the record as the filters saw it).
+Dropped = tuple[str, dict[str, Any], str | None, ChatSample]
+Verdict = ChatSample | Dropped
 
-    def __init__(self, reason: str, writer: StageWriter, rules: Counter[str]) -> None:
-        self.reason, self.writer, self.rules = reason, writer, rules
 
-    def __enter__(self) -> "_ToLedger":
+class _Collect:
+    """A filter's exclusion writer: every document it drops becomes that record's verdict."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.drops: dict[int, Dropped] = {}
+
+    def __enter__(self) -> "_Collect":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -87,13 +102,13 @@ class _ToLedger:
 
     def write(self, doc: Document, rank: int = 0) -> None:
         details: dict[str, Any] = dict(doc.metadata.get("drop_details", {}))
-        if rule := doc.metadata.get("filter_reason"):
+        rule = doc.metadata.get("filter_reason")
+        if rule:
             details["rule"] = rule
-            self.rules[f"{self.reason}.{rule}"] += 1
         if self.reason == "language":
             details["language"] = doc.metadata.get("language")
             details["score"] = round(float(doc.metadata.get("language_score", 0.0)), 4)
-        self.writer.drop(_record(doc), reason=self.reason, **details)
+        self.drops[doc.metadata["i"]] = (self.reason, details, rule, _record(doc))
 
 
 class RepairEncoding(PipelineStep):
@@ -305,28 +320,6 @@ class QualityFilter(BaseFilter):
         return self.filter_batch([doc])[0]
 
 
-class CachedWordTokenizer(SpaCyTokenizer):
-    """datatrove's spaCy word tokenizer (the same tokens) with spaCy's lexeme cache kept.
-
-    datatrove tokenizes each text inside ``memory_zone()``, so every word's lexeme is built
-    again for every record: the Gopher filters then spend ~80% of ingest's time in spaCy. Here
-    lexemes stay cached, and the pipeline is rebuilt once the vocabulary passes
-    ``max_lexemes``, which bounds memory as the zone did (a corpus of IDs and numbers adds
-    lexemes without end).
-    """
-
-    def __init__(self, language: str = "en", max_lexemes: int = 200_000) -> None:
-        super().__init__(language)
-        self.max_lexemes = max_lexemes
-
-    def word_tokenize(self, text: str) -> list[str]:
-        if self._tokenizer is not None and len(self._tokenizer.vocab) > self.max_lexemes:
-            self._tokenizer = None  # a fresh vocabulary (the property rebuilds it)
-        nlp = self.tokenizer
-        nlp.max_length = len(text) + 10
-        return strip_strings([token.text for token in nlp.make_doc(text)])
-
-
 @lru_cache(maxsize=4)
 def _load_fasttext(path: str) -> Any:
     from fasttext.FastText import _FastText  # what datatrove loads, minus its download
@@ -346,6 +339,21 @@ class LocalFT176LID(FT176LID):
         if self._model is None:
             self._model = _load_fasttext(self.model_path)
         return self._model
+
+    def predict(self, doc: Document) -> tuple[tuple[str, float], dict[str, float]]:
+        """FT176LID.predict's result without its dict of all 176 labels per record: fastText
+        returns the labels best first, and only the wanted languages' scores are looked up."""
+        langs, scores = self.model.predict(doc.text.replace("\n", " "), k=self.k)
+        best = (langs[0].split("__")[2], scores[0].item())
+        if not self.languages:
+            return best, {lang.split("__")[2]: s.item() for lang, s in zip(langs, scores)}
+        wanted: dict[str, float] = {}
+        for lang in self.languages:
+            try:
+                wanted[lang] = scores[langs.index(f"__label__{lang}")].item()
+            except ValueError:  # not among the k labels returned
+                wanted[lang] = 0.0
+        return best, wanted
 
 
 class LocalLanguageFilter(LanguageFilter):
@@ -416,9 +424,9 @@ def build_filters(cfg: IngestConfig, home: str | Path, base_model: str = "",
                                        cfg.min_tokens, cfg.max_tokens))
     steps.append(LocalLanguageFilter(resolve_lid_model(cfg, home), cfg.languages or None,
                                      cfg.language_threshold))
-    words = CachedWordTokenizer("en")  # datatrove's English word splitting, shared by both
+    words = RunCachedWordTokenizer()  # datatrove's English word splitting, shared by both
     if cfg.gopher_quality:
-        steps.append(GopherQualityFilter(
+        steps.append(FastGopherQualityFilter(
             min_doc_words=cfg.gopher_min_doc_words,
             max_doc_words=None,  # max_chars bounds length
             max_non_alpha_words_ratio=cfg.gopher_min_alpha_words_ratio,
@@ -427,7 +435,7 @@ def build_filters(cfg: IngestConfig, home: str | Path, base_model: str = "",
         ))
     if cfg.gopher_repetition:
         frac = cfg.repetition_top_ngram_frac
-        steps.append(GopherRepetitionFilter(
+        steps.append(FastGopherRepetitionFilter(
             dup_line_frac=cfg.repetition_dup_line_frac,
             # Chats repeat the product's words in question and answer; a short exchange hits
             # Gopher's web thresholds (0.20/0.18/0.16) by accident, so the top-n-gram bar moves.
@@ -441,23 +449,162 @@ def build_filters(cfg: IngestConfig, home: str | Path, base_model: str = "",
     return steps
 
 
+def build_steps(cfg: IngestConfig, filters: list[BaseFilter]) -> list[PipelineStep]:
+    """The whole chain judge() runs: encoding repair, then the filters, each dropping into a
+    collector; with gopher_prose_only, language id and the Gopher rules read the prose part."""
+    for step in filters:
+        step.exclusion_writer = _Collect(REASONS[type(step)])
+    steps: list[PipelineStep] = list(filters)
+    prose_judged = [i for i, s in enumerate(steps) if isinstance(
+        s, (LocalLanguageFilter, FastGopherQualityFilter, FastGopherRepetitionFilter))]
+    if cfg.gopher_prose_only and prose_judged:
+        steps.insert(prose_judged[-1] + 1, FullText())
+        steps.insert(prose_judged[0], ProseOnly(cfg.gopher_min_doc_words))
+    if cfg.repair_encoding and HAS_FTFY:
+        steps.insert(0, RepairEncoding())
+    return steps
+
+
 REASONS = {
     EncodingFilter: "encoding", MinWordsFilter: "min_words", MaxCharsFilter: "max_chars",
     TokenLengthFilter: "token_length", LocalLanguageFilter: "language",
-    GopherQualityFilter: "gopher_quality", GopherRepetitionFilter: "gopher_repetition",
+    FastGopherQualityFilter: "gopher_quality", FastGopherRepetitionFilter: "gopher_repetition",
     RefusalFilter: "refusal", QualityFilter: "low_quality",
 }
 
 
-def _documents(inputs: str | Path | list[str], writer: StageWriter,
-               seen: Counter[str], limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[Document]:
-    """One Document per parsed record; unparseable inputs go straight to quarantine."""
+CHUNK = 256  # records judged together (the batch filters' batch), in a worker or here
+MAX_AUTO_WORKERS = 8  # ingest.workers=0: one process per CPU up to this
+
+
+@dataclass
+class _Stats:
+    """What the filters counted over the records judged: language, repairs, tokens, scores."""
+
+    languages: Counter[str] = field(default_factory=Counter)
+    repaired: int = 0
+    tokens: list[int] = field(default_factory=list)
+    p_good: list[float] = field(default_factory=list)
+
+    def add(self, other: "_Stats") -> None:
+        self.languages.update(other.languages)
+        self.repaired += other.repaired
+        self.tokens += other.tokens
+        self.p_good += other.p_good
+
+
+def _take_stats(steps: list[PipelineStep]) -> _Stats:
+    """The steps' counts since the last call (and reset them: a worker judges many chunks)."""
+    stats = _Stats()
+    for step in steps:
+        if isinstance(step, LocalLanguageFilter):
+            stats.languages, step.seen = step.seen, Counter()
+        elif isinstance(step, RepairEncoding):
+            stats.repaired, step.repaired = step.repaired, 0
+        elif isinstance(step, TokenLengthFilter):
+            stats.tokens, step.counted = step.counted, []
+        elif isinstance(step, QualityFilter):
+            stats.p_good, step.scored = step.scored, []
+    return stats
+
+
+def judge(steps: list[PipelineStep], records: list[ChatSample]) -> tuple[list[Verdict], _Stats]:
+    """Every record's verdict, in input order, after the steps (repair, then the filters in
+    order: the first filter that drops a record names the reason)."""
+    collectors = [step.exclusion_writer for step in steps if isinstance(step, BaseFilter)]
+    for collector in collectors:
+        collector.drops = {}
+    docs: DocumentsPipeline = (
+        Document(text=_doc_text(rec), id=rec.id, metadata={"record": rec, "i": i})
+        for i, rec in enumerate(records))
+    for step in steps:
+        docs = step.run(docs)
+    kept = {doc.metadata["i"]: _kept_record(doc) for doc in docs}
+    drops = {i: d for collector in collectors for i, d in collector.drops.items()}
+    return [kept[i] if i in kept else drops[i] for i in range(len(records))], _take_stats(steps)
+
+
+_worker_steps: list[PipelineStep] | None = None
+
+
+def _init_worker(steps: list[PipelineStep]) -> None:
+    """Pool initializer: a forked worker inherits the parent's steps, models loaded."""
+    global _worker_steps
+    _worker_steps = steps
+
+
+def _judge_in_worker(records: list[ChatSample]) -> tuple[list[Verdict], _Stats]:
+    assert _worker_steps is not None, "worker started without _init_worker"
+    return judge(_worker_steps, records)
+
+
+def worker_count(requested: int) -> int:
+    """Filter processes for `ingest.workers`: 0 = the CPUs this process may use, up to
+    MAX_AUTO_WORKERS (this process then reads and writes for all of them)."""
+    if requested > 0:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, MAX_AUTO_WORKERS))
+
+
+Submit = Callable[[list[ChatSample]], "Future[tuple[list[Verdict], _Stats]]"]
+
+
+@contextlib.contextmanager
+def _judging(steps: list[PipelineStep], workers: int) -> Iterator[tuple[Submit, int]]:
+    """How chunks get judged: here (at once), or by a pool with up to `window` in flight."""
+    if workers == 1:
+        def here(records: list[ChatSample]) -> Future[tuple[list[Verdict], _Stats]]:
+            future: Future[tuple[list[Verdict], _Stats]] = Future()
+            future.set_result(judge(steps, records))
+            return future
+        yield here, 0
+        return
+    # fork: workers share the loaded models and start in milliseconds; spawn (where fork is
+    # missing) pickles the steps.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(steps,))
+    try:
+        yield functools.partial(pool.submit, _judge_in_worker), 2 * workers
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _chunks(inputs: str | Path | list[str], writer: StageWriter, seen: Counter[str],
+            limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[list[ChatSample]]:
+    """Parsed records in chunks of CHUNK; unparseable inputs go straight to quarantine."""
+    chunk: list[ChatSample] = []
     for item in iter_input(inputs, limits):
         seen["records_in"] += 1
         if isinstance(item, Quarantined):
             writer.quarantine(item)
             continue
-        yield Document(text=_doc_text(item), id=item.id, metadata={"record": item})
+        chunk.append(item)
+        if len(chunk) >= CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def verdicts(chunks: Iterable[list[ChatSample]], steps: list[PipelineStep], workers: int,
+             stats: _Stats) -> Iterator[Verdict]:
+    """Every record's verdict in input order, whichever way chunks are judged: the output and
+    the ledger are the same for any `ingest.workers`."""
+    with _judging(steps, workers) as (submit, window):
+        pending: deque[Future[tuple[list[Verdict], _Stats]]] = deque()
+        for chunk in chunks:
+            pending.append(submit(chunk))
+            while len(pending) > window:
+                done, chunk_stats = pending.popleft().result()
+                stats.add(chunk_stats)
+                yield from done
+        while pending:
+            done, chunk_stats = pending.popleft().result()
+            stats.add(chunk_stats)
+            yield from done
 
 
 def _kept_record(doc: Document) -> ChatSample:
@@ -472,19 +619,17 @@ def _kept_record(doc: Document) -> ChatSample:
     return rec
 
 
-def _metrics(steps: list[PipelineStep], rules: Counter[str]) -> dict[str, float]:
+def _metrics(stats: _Stats, rules: Counter[str], repair: bool) -> dict[str, float]:
     """Language distribution of the records scored, sub-rule drop counts, repairs."""
-    metrics: dict[str, float] = {}
-    for step in steps:
-        if isinstance(step, LocalLanguageFilter):
-            metrics.update({f"language.{k}": float(v) for k, v in sorted(step.seen.items())})
-        if isinstance(step, RepairEncoding):
-            metrics["encoding_repaired"] = float(step.repaired)
-        if isinstance(step, TokenLengthFilter) and step.counted:
-            metrics["tokens.mean"] = round(sum(step.counted) / len(step.counted), 2)
-            metrics["tokens.max"] = float(max(step.counted))
-        if isinstance(step, QualityFilter) and step.scored:
-            metrics["quality.p_good_mean"] = round(sum(step.scored) / len(step.scored), 4)
+    metrics: dict[str, float] = {f"language.{k}": float(v)
+                                 for k, v in sorted(stats.languages.items())}
+    if repair:
+        metrics["encoding_repaired"] = float(stats.repaired)
+    if stats.tokens:
+        metrics["tokens.mean"] = round(sum(stats.tokens) / len(stats.tokens), 2)
+        metrics["tokens.max"] = float(max(stats.tokens))
+    if stats.p_good:
+        metrics["quality.p_good_mean"] = round(sum(stats.p_good) / len(stats.p_good), 4)
     metrics.update({f"rule.{k}": float(v) for k, v in sorted(rules.items())})
     return metrics
 
@@ -515,24 +660,25 @@ def run_ingest(input_path: str | Path | list[str], out_dir: str | Path, cfg: Ing
     if (done := stage.finished()) is not None:
         return done
     writer = stage.writer()
-    rules: Counter[str] = Counter()
     filters = build_filters(cfg, home, base_model, trust_remote_code)
-    for step in filters:
-        step.exclusion_writer = _ToLedger(REASONS[type(step)], writer, rules)
-    steps: list[PipelineStep] = list(filters)
-    if cfg.repair_encoding and HAS_FTFY:
-        steps.insert(0, RepairEncoding())
+    steps = build_steps(cfg, filters)
+    repair = isinstance(steps[0], RepairEncoding)
     seen: Counter[str] = Counter()
+    rules: Counter[str] = Counter()
+    stats = _Stats()
     limits = ReadLimits(cfg.max_record_bytes, cfg.max_decompression_ratio)
-    docs: DocumentsPipeline = _documents(input_path, writer, seen, limits)
-    for step in steps:
-        docs = step.run(docs)
-    for doc in docs:
-        writer.keep(_kept_record(doc))
-    metrics = _metrics(steps, rules)
-    repair = "ftfy" if isinstance(steps[0], RepairEncoding) else "off"
+    for verdict in verdicts(_chunks(input_path, writer, seen, limits), steps,
+                            worker_count(cfg.workers), stats):
+        if isinstance(verdict, ChatSample):
+            writer.keep(verdict)
+            continue
+        reason, details, rule, rec = verdict
+        if rule:
+            rules[f"{reason}.{rule}"] += 1
+        writer.drop(rec, reason=reason, **details)
+    metrics = _metrics(stats, rules, repair)
     info: dict[str, Any] = {"filters": [REASONS[type(f)] for f in filters],
-                            "encoding_repair": repair}
+                            "encoding_repair": "ftfy" if repair else "off"}
     if tokenizer:
         info["tokenizer"] = tokenizer
     if cfg.quality_model:

@@ -131,11 +131,27 @@ PATCHES: tuple[Patch, ...] = (
         "tests/test_patches.py::test_datatrove_local_workers_start_from_multiprocess_forkserver",
     ),
     Patch(
-        "datatrove", "0.10.1", "tasks.ingest:CachedWordTokenizer",
-        "subclasses SpaCyTokenizer, overriding word_tokenize and resetting its private _tokenizer",
-        "datatrove tokenizes inside spaCy's memory_zone(), rebuilding every lexeme per record "
-        "(~80% of ingest's time in the Gopher filters)",
-        "tests/test_ingest.py::test_cached_word_tokenizer_splits_exactly_as_datatrove_and_stays_bounded",
+        "datatrove", "0.10.1", "tasks.words:RunCachedWordTokenizer",
+        "a WordTokenizer giving SpaCyTokenizer('en')'s words: spaCy's English tokenizer built "
+        "from its defaults (not spacy.blank), run once per distinct whitespace-free run; thinc "
+        "imported with torch hidden",
+        "datatrove builds spaCy Doc/Token objects for every record inside memory_zone() (40% of "
+        "ingest), and spacy.blank loads presidio, transformers and torch through an entry point",
+        "tests/test_words.py::test_words_are_exactly_datatrove_spacy_words",
+    ),
+    Patch(
+        "datatrove", "0.10.1", "tasks.words:FastGopherRepetitionFilter",
+        "subclasses GopherRepetitionFilter, overriding filter (reads its thresholds and private "
+        "_line_splitter / paragraph_exp) with the same rules on word tuples",
+        "datatrove's pure-Python n-gram search was a quarter of ingest's time",
+        "tests/test_words.py::test_gopher_rules_decide_as_datatrove",
+    ),
+    Patch(
+        "datatrove", "0.10.1", "tasks.words:FastGopherQualityFilter",
+        "subclasses GopherQualityFilter, overriding filter (reads its thresholds) with the same "
+        "rules, per-word questions remembered per distinct word",
+        "the per-word generator expressions were a third of what remained after tokenizing",
+        "tests/test_words.py::test_gopher_rules_decide_as_datatrove",
     ),
     Patch(
         "datatrove", "0.10.1", "tasks.ingest:LocalFT176LID",

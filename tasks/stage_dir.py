@@ -81,6 +81,10 @@ class StageDir:
         self.config_digest = config_digest
         self.inputs = inputs
         self.heldout = heldout
+        # The stage starts here (its inputs' digests, the up-to-date check, its work before the
+        # first record is written): the manifest's duration_s and started_at count from here.
+        self.t0 = time.monotonic()
+        self.started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
         self.digests: dict[str, str] = {}
         for item in inputs:
             self.digests.update(input_digests(item))
@@ -112,7 +116,7 @@ class StageDir:
                 total = None
         return StageWriter(into or self.dir, self.stage, input_digests=self.digests,
                            config_digest=self.config_digest, carry_heldout_from=carry,
-                           total=total)
+                           total=total, started=(self.t0, self.started_at))
 
 
 class StageWriter:
@@ -121,20 +125,23 @@ class StageWriter:
     def __init__(self, out_dir: str | Path, stage: str, shard_size: int = 100_000, *,
                  input_digests: dict[str, str] | None = None, config_digest: str = "",
                  carry_heldout_from: str | Path | list[str] | None = None,
-                 total: int | None = None) -> None:
+                 total: int | None = None,
+                 started: tuple[float, str] | None = None) -> None:
+        """``started``: (time.monotonic(), ISO time) when the stage began, for a writer made
+        after the stage's own work (dedup matches everything before writing); default: now."""
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         # The manifest first: from here on the directory is not a finished stage.
         (self.dir / MANIFEST_NAME).unlink(missing_ok=True)
         for old in [*self.dir.glob("*.jsonl.gz"), *self.dir.glob(f"*{PARTIAL}")]:
             old.unlink()
-        self.manifest = Manifest(
-            stage=stage, started_at=datetime.now(timezone.utc).isoformat(timespec="seconds")
-        )
+        t0, started_at = started or (
+            time.monotonic(), datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        self.manifest = Manifest(stage=stage, started_at=started_at)
         self.input_digests = input_digests or {}
         self.config_digest = config_digest
         self._carry = carry_heldout_from
-        self._t0 = time.monotonic()
+        self._t0 = t0
         self._shard_size = shard_size
         self._files: dict[str, Any] = {}
         self._counts: Counter[str] = Counter()

@@ -334,18 +334,21 @@ def test_token_bounds_need_a_tokenizer_and_cfg_tokenizer_wins(tmp_path: Path, ho
         IngestConfig(min_tokens=10, max_tokens=5)
 
 
-def test_cached_word_tokenizer_splits_exactly_as_datatrove_and_stays_bounded() -> None:
-    from datatrove.utils.word_tokenizers import load_word_tokenizer
-
-    from tasks.ingest import CachedWordTokenizer
-
-    texts = [f"Order #{7000 + i} isn't here; e-mail a.b{i}@x.org or call (555) 01{i:02d}!\n"
-             f"Don't worry -- it's v{i}.2.3, ready... in {i} days :)" for i in range(300)]
-    ours = CachedWordTokenizer("en", max_lexemes=1500)  # a blank "en" starts at ~780
-    reference = load_word_tokenizer("en")
-    sizes = []
-    for text in texts:
-        assert ours.word_tokenize(text) == reference.word_tokenize(text)
-        sizes.append(len(ours.tokenizer.vocab))
-    # The vocabulary was rebuilt when it passed the bound, and never grew far beyond it.
-    assert any(b < a for a, b in zip(sizes, sizes[1:])) and max(sizes) < 1500 + 100
+def test_gopher_prose_only_judges_the_prose_of_a_technical_answer(tmp_path: Path,
+                                                                  home: Path) -> None:
+    answer = ("You can list the installed versions and pin the one that works for you:\n\n"
+              "```bash\n$ pip list --format=json | jq '.[] | .name + \"==\" + .version'\n"
+              "\"numpy==2.4.6\"\n\"pandas==2.3.1\"\n\"scipy==1.16.0\"\n```\n\n"
+              "| package | version | status |\n|---|---|---|\n| numpy | 2.4.6 | ok |\n"
+              "| pandas | 2.3.1 | ok |\n| scipy | 1.16.0 | broken |\n")
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        _chat("tech", "How do I see which versions of my packages are installed?", answer),
+        _chat("soup", "!!!@@@ ### $$$ %%% ^^^ &&& ***", "```\n??? *** ((( )))\n```"),
+    ]) + "\n")
+    default = run_ingest(path, tmp_path / "default", IngestConfig(workers=1), home=home)
+    prose = run_ingest(path, tmp_path / "prose", IngestConfig(workers=1, gopher_prose_only=True),
+                       home=home)
+    assert default.kept == 0 and prose.kept == 1
+    assert [r.id for r in read_records(tmp_path / "prose")] == ["tech"]
+    assert read_records(tmp_path / "prose").__next__().messages[1].content == answer

@@ -160,3 +160,17 @@ def test_typed_hand_off_names_stage_and_field(tmp_path: Path) -> None:
         read_output(tmp_path, TrainOutput)
     with pytest.raises(StageOutputError, match="no manifest.json"):
         read_output(tmp_path / "nowhere", TrainOutput)
+
+
+def test_duration_counts_from_the_stage_start_not_the_first_write(tmp_path: Path) -> None:
+    """A stage that works before it writes (dedup matches every record first) is timed whole."""
+    import time
+
+    raw, out = _raw(tmp_path), tmp_path / "out"
+    stage = StageDir(out, "toy", "cfg-1", str(raw))
+    time.sleep(0.3)  # the stage's own work before its writer exists
+    writer = stage.writer()
+    writer.keep(support_chats(1)[0])
+    m = writer.finish(1)
+    assert m.duration_s >= 0.3
+    assert m.started_at == stage.started_at
