@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -187,6 +188,24 @@ def write_formats(out: Path, train: TrainOutput, eval_dir: Path,
     return facts, paths, "\n".join(lines)
 
 
+@contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's local (SQLAlchemy) registry resolves a version's ``models:/<model id>`` source
+    through the global tracking URI, not the client's: point it at ours for that one call and
+    put back exactly what was there (the variable too)."""
+    from mlflow.tracking._tracking_service import utils
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with utils._use_tracking_uri(uri):
+            yield
+    finally:
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 def _digest(cfg: ExportConfig, tracking_uri: str) -> str:
     # The registry is part of the config: exporting to another store is not "up to date".
     return hashlib.sha256(f"{cfg.digest()}|{tracking_uri}".encode()).hexdigest()[:16]
@@ -248,11 +267,9 @@ def register(client: MlflowClient, run_id: str, model_id: str, cfg: ExportConfig
         tags[registry.SCORE_TAG] = repr(score)
     tags.update({f"ftflow.metric.{k}": f"{v:.6g}" for k, v in eval_manifest.metrics.items()
                  if k.startswith(("base.", "tuned.", "gate."))})
-    # The logged model's storage location, not models:/<id>: MLflow's local (SQLAlchemy)
-    # registry resolves that id through the global tracking URI, not this client's.
-    source = client.get_logged_model(model_id).artifact_location
-    mv = client.create_model_version(cfg.model_name, source, run_id=run_id, tags=tags,
-                                     description=description, model_id=model_id)
+    with _global_tracking_uri(client.tracking_uri):
+        mv = client.create_model_version(cfg.model_name, f"models:/{model_id}", run_id=run_id,
+                                         tags=tags, description=description, model_id=model_id)
     version = str(mv.version)
     registry.wait_ready(client, cfg.model_name, version)
     registry.move_candidate(client, home, cfg.model_name, version, cfg.alias)
