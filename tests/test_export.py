@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import mlflow
 import pytest
@@ -265,3 +264,39 @@ def test_stage_export_runs_alone_from_the_cli(tmp_path: Path, train_dir: Path) -
     assert str(client.get_model_version_by_alias("from-cli", "champion").version) == "1"
     lineage = (run / "10-export" / CARD_NAME).read_text().split("## Data lineage")[1]
     assert "| 08-train |" in lineage and "| 09-evaluate |" in lineage
+
+
+GENERATE = """
+import json, sys
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+text = tok.apply_chat_template(json.loads(sys.argv[2]), tokenize=False, add_generation_prompt=True)
+ids = tok(text, return_tensors="pt", add_special_tokens=False)
+out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+print(json.dumps({"version": transformers.__version__, "tokenizer": type(tok).__name__,
+                  "prompt": text, "ids": out[0, ids["input_ids"].shape[1]:].tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_merged_folder_loads_in_transformers4(exported) -> None:
+    """The exported folder loads and chats the same in a venv with transformers 4.57 (built once
+    and cached: tests/second_venv.py) as with this venv's transformers 5."""
+    from second_venv import transformers4_python
+
+    *_, out = exported
+    replies = {}
+    for python in (transformers4_python(), Path(sys.executable)):
+        proc = subprocess.run([str(python), "-c", GENERATE, str(out / "merged"), json.dumps(CHAT)],
+                              capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reply = json.loads(proc.stdout.strip().splitlines()[-1])
+        replies[reply["version"].split(".")[0]] = reply
+    assert replies["4"]["version"].startswith("4.57") and replies["5"]["version"].startswith("5.")
+    assert replies["4"]["tokenizer"] == "PreTrainedTokenizerFast"
+    assert replies["4"]["prompt"] == replies["5"]["prompt"] == (
+        "<|im_start|>user\nHow do I reset my password?<|im_end|>\n<|im_start|>assistant\n")
+    assert replies["4"]["ids"] == replies["5"]["ids"] and len(replies["4"]["ids"]) > 0
