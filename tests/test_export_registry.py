@@ -48,7 +48,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600  # a busy 2-core machine takes minutes to import mlflow
     while True:
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
