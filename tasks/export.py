@@ -180,8 +180,11 @@ def write_formats(out: Path, train: TrainOutput, eval_dir: Path,
             lines.append(f"- GGUF: not written: {err}")
     tasks_dir = Path(eval_dir) / "tasks"
     if tasks_dir.is_dir() and any(tasks_dir.glob("*.yaml")):
-        names = formats.write_lmeval_tasks(tasks_dir, out / LMEVAL)
+        names, skipped = formats.write_lmeval_tasks(tasks_dir, out / LMEVAL)
         facts["lmeval_tasks"] = ",".join(names)
+        if skipped:
+            log.warning("export: lm-eval tasks left out of %s: %s", LMEVAL, "; ".join(skipped))
+            facts["lmeval_skipped"] = "; ".join(skipped)
         paths.append(out / LMEVAL)
         lines.append(f"- `{LMEVAL}/`: the benchmark's tasks: `lm_eval --model hf --model_args "
                      f"pretrained={MERGED} --include_path {LMEVAL} --tasks {','.join(names)}`")

@@ -123,17 +123,23 @@ def write_adapter(adapter_dir: Path, dest: Path, base_model: str) -> Path:
     return dest
 
 
-def write_lmeval_tasks(tasks_dir: Path, dest: Path) -> list[str]:
+def write_lmeval_tasks(tasks_dir: Path, dest: Path) -> tuple[list[str], list[str]]:
     """Copy the evaluate stage's lm-eval tasks so that ``lm_eval --include_path`` works on a copy:
-    each task reads its JSONL beside its YAML through a loader next to them, no absolute path."""
+    each task reads its JSONL beside its YAML through a loader next to them, no absolute path.
+    Returns the tasks copied and the files left out (not a single-file JSON task), with why."""
     dest.mkdir(parents=True, exist_ok=True)
     (dest / LMEVAL_LOADER).write_text(_LOADER_CODE, encoding="utf-8")
-    names = []
+    names, skipped = [], []
     for task_file in sorted(tasks_dir.glob("*.yaml")):
-        spec = yaml.safe_load(task_file.read_text(encoding="utf-8"))
+        try:
+            spec = yaml.safe_load(task_file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:  # e.g. a !function tag: not ours to rewrite
+            skipped.append(f"{task_file.name} ({str(err).splitlines()[0]})")
+            continue
         files = (spec.get("dataset_kwargs") or {}).get("data_files") or {}
         if spec.get("dataset_path") != "json" or not isinstance(files, dict) or len(files) != 1:
-            raise ValueError(f"{task_file}: not a single-file JSON task; cannot make it portable")
+            skipped.append(f"{task_file.name} (not a single-file JSON task)")
+            continue
         split, data_file = next(iter(files.items()))
         data = Path(data_file)
         if not data.is_absolute():
@@ -148,7 +154,7 @@ def write_lmeval_tasks(tasks_dir: Path, dest: Path) -> list[str]:
         (dest / task_file.name).write_text(text, encoding="utf-8")
         names.append(str(spec["task"]))
     make_readable(dest)
-    return names
+    return names, skipped
 
 
 # Ollama speaks Go templates, not Jinja: the known chat formats, recognised by their markers.
