@@ -338,6 +338,12 @@ class ExportConfig(_Section):
     register_if_gate_fails: bool = False
     experiment: str = "ftflow"  # used only when no parent run is given
     max_new_tokens: int = Field(64, gt=0)  # default reply length of the served model
+    # Move `champion` when the gate passed and the version beats the champion's target score.
+    champion: bool = True
+    gguf: list[Literal["f16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])  # []: none
+    system_prompt: str = ""  # the Ollama Modelfile's SYSTEM (empty: none)
+    ollama_parameters: dict[str, float] = Field(
+        default_factory=lambda: {"temperature": 0.7, "top_p": 0.9})
 
 
 class PipelineConfig(BaseModel):

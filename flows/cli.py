@@ -58,6 +58,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     inputs: list[Any] = [args.input]
     for read in s.reads[1:]:
         option = STAGE_DIR_OPTIONS[spec(read).command]
+        sibling = Path(args.input).parent / spec(read).name  # the run folder's own stage dir
+        if not getattr(args, option) and (sibling / "manifest.json").exists():
+            setattr(args, option, str(sibling))
         if not getattr(args, option):
             raise ConfigError(f"{s.command} needs --{option.replace('_', '-')} (a "
                               f"{spec(read).command} stage directory)")
@@ -164,6 +167,71 @@ def _add_quality_model(sub: Any) -> None:
     tr.set_defaults(func=cmd_quality_train)
 
 
+def _registry_client(args: argparse.Namespace) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    cfg = load_config(None, [f"run.home={_home(args)}"] +
+                      ([f"run.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []))
+    uri = cfg.run.resolved_tracking_uri()
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def cmd_champion(args: argparse.Namespace) -> int:
+    """`ftflow promote` / `ftflow rollback`: move the champion alias, recorded."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.export_registry import RegistryError, promote, rollback
+
+    client = _registry_client(args)
+    try:
+        if args.command == "promote":
+            move = promote(client, _home(args), args.name, args.version, args.reason)
+        else:
+            move = rollback(client, _home(args), args.name, args.reason)
+    except (RegistryError, MlflowException) as err:
+        print(f"ftflow: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.name}@champion: {move.previous or '-'} -> {move.version} ({move.action} by "
+          f"{move.who} at {move.when}: {move.reason})")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """`ftflow history NAME`: every recorded move of the champion alias, oldest first."""
+    from tasks.export_registry import CANDIDATE, CHAMPION, alias_version, history
+
+    client = _registry_client(args)
+    for m in history(client, args.name):
+        print(f"{m.when}  {m.action:<8} {m.previous or '-':>4} -> {m.version:<4} {m.who}: "
+              f"{m.reason}")
+    print(f"now: champion {alias_version(client, args.name, CHAMPION) or '-'}, candidate "
+          f"{alias_version(client, args.name, CANDIDATE) or '-'}")
+    return 0
+
+
+def _add_registry_commands(sub: Any) -> None:
+    """`ftflow promote|rollback|history`: operate the registry's champion alias."""
+    def options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("name", help="registered model name (export.model_name)")
+        sp.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: "
+                        "$FTFLOW_TRACKING_URI, a running stack's, else sqlite in the home)")
+        sp.add_argument("--home", help="ftflow home: its registry lock and history file "
+                        "(default: $FTFLOW_HOME, else ./.ftflow)")
+
+    pr = sub.add_parser("promote", help="make a registered version the champion (recorded)")
+    options(pr)
+    pr.add_argument("version")
+    pr.add_argument("--reason", required=True, help="why (kept on the version and in history)")
+    pr.set_defaults(func=cmd_champion)
+    rb = sub.add_parser("rollback", help="move champion back to the version it replaced")
+    options(rb)
+    rb.add_argument("--reason", required=True, help="why (kept on the version and in history)")
+    rb.set_defaults(func=cmd_champion)
+    hi = sub.add_parser("history", help="who moved champion when and why")
+    options(hi)
+    hi.set_defaults(func=cmd_history)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftflow", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -226,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.set_defaults(func=cmd_deploy)
 
     _add_quality_model(sub)
+    _add_registry_commands(sub)
     return p
 
 

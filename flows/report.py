@@ -9,6 +9,7 @@ from rich.table import Table
 
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
+from tasks.ledger import LEDGER_COLUMNS, ledger_markdown, ledger_rows  # noqa: F401 (re-exported)
 from tasks.stages import spec
 from tasks.tracking import run_url
 
@@ -77,26 +78,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def ledger_rows(manifests: dict[str, Manifest]) -> list[dict[str, Any]]:
-    """The ledger, a row per stage: every record of every stage accounted for."""
-    return [{"stage": name, "in": m.records_in, "generated": m.generated, "kept": m.kept,
-             "filtered": m.filtered_total, "deduplicated": m.deduplicated,
-             "quarantined": m.quarantined, "seconds": round(m.duration_s, 1)}
-            for name, m in manifests.items()]
-
-
-LEDGER_COLUMNS = ("stage", "in", "generated", "kept", "filtered", "deduplicated", "quarantined",
-                  "seconds")
-
-
-def ledger_markdown(manifests: dict[str, Manifest]) -> str:
-    """The ledger as a markdown table."""
-    rows = ledger_rows(manifests)
-    lines = ["| " + " | ".join(LEDGER_COLUMNS) + " |", "|---" + "|---:" * 7 + "|"]
-    lines += ["| " + " | ".join(str(r[c]) for c in LEDGER_COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def publish_artifacts(run_id: str, manifests: dict[str, Manifest], tracking_uri: str,

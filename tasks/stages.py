@@ -125,7 +125,8 @@ def _export(c: StageContext) -> Manifest:
 
     return run_export(c.inputs[0], c.inputs[1], c.out, c.cfg.export,
                       tracking_uri=c.tracking_uri or c.cfg.run.resolved_tracking_uri(),
-                      parent_run_id=c.parent_run_id)
+                      parent_run_id=c.parent_run_id, home=c.home,
+                      run_config=c.cfg.model_dump(mode="json"))
 
 
 STAGES: tuple[StageSpec, ...] = (
