@@ -98,7 +98,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
             raise ConfigError(f"{s.command} needs --{option.replace('_', '-')} (a "
                               f"{spec(read).command} stage directory)")
         inputs.append(getattr(args, option))
-    m = run_stage(s, StageContext(cfg, out, tuple(inputs)))
+    from tasks.interrupt import RunInterrupted, stop_on_signals
+
+    with stop_on_signals():  # SIGTERM/SIGINT: training saves a checkpoint, then the stage stops
+        try:
+            m = run_stage(s, StageContext(cfg, out, tuple(inputs)))
+        except RunInterrupted as err:
+            print(f"ftflow: stage {s.command} {err}; run the same command again to resume",
+                  file=sys.stderr)
+            return 128 + err.signum
     if m.info.get("main_process") is False:
         return 0  # another process of an `accelerate launch` wrote the stage and reports it
     print(f"{s.command}: in={m.records_in} generated={m.generated} kept={m.kept} "

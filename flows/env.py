@@ -23,6 +23,9 @@ OFFLINE_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    # Against a tracking server, MLflow prints two "View run/experiment at" lines each time a
+    # run ends: 22 lines per pipeline run. The run's summary prints the one URL that matters.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 

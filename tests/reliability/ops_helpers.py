@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,3 +36,34 @@ def small_run(home: Path, *extra: str, inputs: list[str] | None = None) -> list[
     return ftflow("run", str(REPO / "configs" / "demo.yaml"), f"run.home={home}",
                   f"ingest.inputs={json.dumps(inputs or [str(SAMPLE)])}",
                   "augment.enabled=false", "evaluate.max_samples=8", *extra)
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 (SQLite store under ``home``) that a test can stop
+    and start again on the same port, as an outage would."""
+
+    def __init__(self, home: Path) -> None:
+        self.home, self.port = home, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "MlflowServer":
+        from flows.stack import _mlflow_cmd, _spawn, wait_healthy
+
+        log = self.home / "mlflow-server.log"
+        # No job runner (GenAI jobs, 8 helper processes): the tests only track runs.
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+               "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = _spawn(_mlflow_cmd(self.home, self.port, None), env, log)
+        wait_healthy(f"{self.uri}/health", self.proc, 600, log)  # slow on a busy machine
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its workers
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.proc = None
