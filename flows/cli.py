@@ -34,23 +34,21 @@ def _set_home_env(home: str) -> None:
     prefect_home.expanduser().mkdir(parents=True, exist_ok=True)
 
 
-def _start_local_prefect() -> Any:
+def _start_local_prefect() -> None:
     """Prefect's temporary server of local mode (no PREFECT_API_URL), started under a lock on
-    its home: two runs starting at once on one home raced on its SQLite schema. None when the run
-    talks to a server."""
+    its home: two runs starting at once on one home raced on its SQLite schema. Nothing to do
+    when the run talks to a server."""
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
     if PREFECT_API_URL.value():
-        return None
+        return
     from prefect.server.api.server import SubprocessASGIServer
 
     from tasks.locks import file_lock
 
     with file_lock(Path(PREFECT_HOME.value()) / "ftflow-server.lock",
                    "another run on this home is starting Prefect's temporary server"):
-        server = SubprocessASGIServer()  # the instance the flow's Prefect client uses
-        server.start()
-    return server
+        SubprocessASGIServer().start()  # the instance the flow's Prefect client uses
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -62,9 +60,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(config, overrides)  # validate before Prefect starts
         preflight(cfg)  # tracking store, inputs, base model, disk: in seconds, before any work
         _set_home_env(cfg.run.home)
-        server = None
         try:
-            server = _start_local_prefect()
+            # Prefect stops its temporary server at exit (atexit, after its log and event
+            # workers have drained); a signal ends the process through that path too.
+            _start_local_prefect()
             from flows.pipeline import finetune_pipeline
             from flows.report import print_summary
 
@@ -74,9 +73,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"ftflow: run {err} at a safe point; rerun with{again} to resume",
                   file=sys.stderr)
             return 128 + err.signum
-        finally:
-            if server is not None:
-                server.stop()  # the temporary server stops with the run, whatever ended it
         print_summary(out, cfg)
     return 0
 
@@ -291,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):  # one line per Prefect API call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Three "Retrying (Retry(total=...))" lines per MLflow call while its server is down; the
+    # tracker says once that it does not answer and once that it answers again.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    # presidio logs each recognizer it loads, in every PII stage and worker: ~10 lines a stage
+    # that say nothing the stage's own "active entity types" line does not.
+    logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except PreflightError as err:

@@ -22,6 +22,7 @@ from flows.report import LEDGER_COLUMNS, ledger_markdown, ledger_rows, publish_a
 from flows.arrival import Arrivals
 from tasks.curate import mark_trained
 from tasks.interrupt import RunInterrupted, stop_on_signals
+from tasks.locks import file_lock
 from tasks.stages import CURATION_END, STAGES, StageContext, StageSpec, spec, stage_task
 from tasks.tracking import Tracker, flatten
 
@@ -116,7 +117,9 @@ def run_pipeline(cfg: PipelineConfig, run_id: str | None = None,
     run_dir = cfg.run.resolved_runs_dir() / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = cfg.run.resolved_tracking_uri()
-    tracker = Tracker(uri, cfg.run.experiment, home / "mlartifacts")
+    # Two runs on a new home would both create and migrate the SQLite tracking store.
+    with file_lock(home / "locks" / "tracking.lock", "another run is opening the tracking store"):
+        tracker = Tracker(uri, cfg.run.experiment, home / "mlartifacts")
     tracker.mark_killed_attempts(run_id)  # earlier attempts of this run that were SIGKILLed
     params = {f"run.{k}": v for k, v in flatten(cfg.run.model_dump(mode="json")).items()}
     tags = {"ftflow.run_id": run_id, "ftflow.run_dir": str(run_dir),

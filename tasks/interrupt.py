@@ -13,6 +13,7 @@ import _thread
 import contextlib
 import logging
 import signal
+import sys
 import threading
 from typing import Any, Iterator
 
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 GRACE_S = 20.0  # the run exits within ~30 s of the signal, whatever the stage is doing
 STOP = threading.Event()
-_state: dict[str, Any] = {"deferring": 0, "signum": None}
+_state: dict[str, Any] = {"deferring": 0, "signum": None, "previous": {}}
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -32,18 +33,33 @@ class RunInterrupted(KeyboardInterrupt):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
+def _runner_cancelling() -> bool:
+    """True when a Prefect runner (a worker, `serve`) announced that its SIGTERM cancels the
+    flow run: Prefect's own handler then records it as cancelled."""
+    if "prefect" not in sys.modules:
+        return False
+    from prefect._internal import control_listener
+
+    return control_listener.get_intent() is not None
+
+
 def _handler(signum: int, frame: Any) -> None:
+    previous = _state["previous"].get(signum)
+    if signum == signal.SIGTERM and callable(previous) and _runner_cancelling():
+        previous(signum, frame)  # Prefect's handler: the run ends as cancelled
+        return
     first = not STOP.is_set()
     STOP.set()
     _state["signum"] = _state["signum"] or signum
     if first and _state["deferring"]:
         log.warning("%s received: stopping at the next safe point (training saves a checkpoint "
                     "first); send it again to stop at once", signal.Signals(signum).name)
-        timer = threading.Timer(GRACE_S, _thread.interrupt_main, args=(signal.SIGINT,))
+        timer = _state["timer"] = threading.Timer(GRACE_S, _thread.interrupt_main,
+                                                  args=(signal.SIGINT,))
         timer.daemon = True
         timer.start()
         return
-    raise RunInterrupted(_state["signum"])
+    _stopping()
 
 
 @contextlib.contextmanager
@@ -53,9 +69,11 @@ def stop_on_signals() -> Iterator[None]:
         yield
         return
     previous = {s: signal.signal(s, _handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    outer, _state["previous"] = _state["previous"], previous
     try:
         yield
     finally:
+        _state["previous"] = outer
         for s, h in previous.items():
             signal.signal(s, h)
 
@@ -75,7 +93,15 @@ def safe_points() -> Iterator[None]:
 def check() -> None:
     """Raise RunInterrupted when a stop was asked for (call at a safe point)."""
     if STOP.is_set():
-        raise RunInterrupted(_state["signum"] or signal.SIGTERM)
+        _stopping()
+
+
+def _stopping() -> None:
+    """Raise RunInterrupted; the grace timer is no longer needed (the run is on its way out)."""
+    if _state.get("timer") is not None:
+        _state["timer"].cancel()
+        _state["timer"] = None
+    raise RunInterrupted(_state["signum"] or signal.SIGTERM)
 
 
 def stop_requested() -> bool:

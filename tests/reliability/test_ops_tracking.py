@@ -57,3 +57,17 @@ def test_unreachable_uri_fails_in_seconds_not_minutes() -> None:
     with pytest.raises(TrackingUnavailable, match=uri):
         Tracker(uri, "nowhere", outage_s=0)
     print(f"unreachable tracking URI failed after {time.monotonic() - t0:.1f} s")
+
+
+def test_rerun_marks_runs_of_dead_attempts_killed(tmp_path: Path) -> None:
+    """An attempt killed outright (SIGKILL) leaves its runs RUNNING; the next attempt of the same
+    run id marks them KILLED, and leaves alone an attempt whose process is alive."""
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "attempts")
+    dead = tracker.start_parent("dead", {}, {"ftflow.run_id": "r1"})
+    dead_stage = tracker.start_stage(dead, "01-ingest", {})
+    tracker.client.set_tag(dead, "ftflow.pid", "999999999")  # no such process
+    live = tracker.start_parent("live", {}, {"ftflow.run_id": "r1"})  # this process
+    other = tracker.start_parent("other", {}, {"ftflow.run_id": "r2"})
+    assert sorted(tracker.mark_killed_attempts("r1")) == sorted([dead, dead_stage])
+    status = {r: tracker.client.get_run(r).info.status for r in (dead, dead_stage, live, other)}
+    assert status == {dead: "KILLED", dead_stage: "KILLED", live: "RUNNING", other: "RUNNING"}
