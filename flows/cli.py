@@ -15,6 +15,7 @@ from data_contracts.stage_outputs import StageOutputError
 from flows.env import quiet_offline_env
 from flows.preflight import PreflightError
 from flows.stack import apply_stack_env
+from tasks.quiet import quiet_library_noise
 from tasks.stages import COMMANDS
 
 
@@ -287,12 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):  # one line per Prefect API call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # Three "Retrying (Retry(total=...))" lines per MLflow call while its server is down; the
-    # tracker says once that it does not answer and once that it answers again.
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-    # presidio logs each recognizer it loads, in every PII stage and worker: ~10 lines a stage
-    # that say nothing the stage's own "active entity types" line does not.
-    logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)
+    quiet_library_noise()  # library lines no user can act on (tasks/quiet.py)
     try:
         return args.func(args)
     except PreflightError as err:

@@ -23,10 +23,12 @@ from flows.arrival import Arrivals
 from tasks.curate import mark_trained
 from tasks.interrupt import RunInterrupted, stop_on_signals
 from tasks.locks import file_lock
+from tasks.quiet import quiet_library_noise
 from tasks.stages import CURATION_END, STAGES, StageContext, StageSpec, spec, stage_task
 from tasks.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
+quiet_library_noise()  # also in a worker's flow runs, which do not go through the CLI
 
 
 @dataclass

@@ -10,7 +10,6 @@ import logging
 import resource
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,12 +35,6 @@ from tasks.interrupt import safe_points
 from tasks.train_steps import cpu_logprob_tiles, early_stopping, training_callbacks
 
 log = logging.getLogger(__name__)
-# transformers 5 renamed gradient checkpointing "activation checkpointing"; trl 1.16 and peft
-# still call the old names, and our `gradient_checkpointing` argument must stay because trl's
-# configs set it: three FutureWarnings (six console lines) in every training run that no user
-# can act on. Silenced here, by message, once.
-warnings.filterwarnings("ignore", message=r"`\w*gradient_checkpointing\w*` is deprecated",
-                        category=FutureWarning)
 
 STAGE = "train"
 ADAPTER_DIR, MERGED_DIR, CHECKPOINT_DIR = "adapter", "merged", "checkpoints"
