@@ -63,16 +63,17 @@ def main() -> None:
         return r.stdout
 
     ftflow("up")
+    load_before = os.getloadavg()[0]
     rows = []
     try:
         api_url = json.loads((home / "stack.json").read_text())["prefect"]["api_url"]
         ftflow("deploy", str(REPO / "configs" / "demo.yaml"), "curate.min_new_records=1000000",
                "--watch", "inbox")
         dep = api(f"{api_url}/deployments/name/finetune-pipeline/on-new-data")["id"]
-        lines = (REPO / "sample_data" / "support_chat.jsonl").read_text().splitlines()
+        lines = (REPO / "sample_data" / "support_chat.jsonl").read_bytes().splitlines()
         for i in range(args.files):
             tmp = cwd / "inbox" / f"batch-{i}.jsonl.partial"
-            tmp.write_text("\n".join(lines[i * 20:(i + 1) * 20]) + "\n")
+            tmp.write_bytes(b"\n".join(lines[i * 20:(i + 1) * 20]) + b"\n")
             landed = time.time()
             tmp.rename(cwd / "inbox" / f"batch-{i}.jsonl")
             run = None
@@ -91,7 +92,8 @@ def main() -> None:
     finally:
         ftflow("down")
     print(f"### File landing to run ({date.today()}, {platform.machine()}, {os.cpu_count()} "
-          "cores; watcher every 15 s, settle 5 s; curation-only runs)\n")
+          f"cores, load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}; watcher every "
+          "15 s, settle 5 s; curation-only runs)\n")
     print("| file | landed -> run started, s | landed -> run ended, s | state |")
     print("|---|---:|---:|---|")
     for name, start, end, state in rows:

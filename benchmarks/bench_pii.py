@@ -116,8 +116,33 @@ def iban(rng: random.Random) -> tuple[str, str]:
 PHONE_REGIONS = ["US", "GB", "DE", "FR", "IN", "BR", "AU", "JP", "ES", "IT", "MX", "NL"]
 
 
+# "+<country code>" numbers written in groups, digits random: valid or not, they are phones.
+INTL_SHAPES = {"44": [(2, 4, 4), (4, 6)], "49": [(2, 4, 4), (3, 7)], "33": [(1, 2, 2, 2, 2)],
+               "972": [(2, 3, 4)], "91": [(5, 5)], "61": [(1, 4, 4)], "55": [(2, 5, 4)],
+               "34": [(3, 3, 3)], "39": [(3, 3, 4)], "81": [(2, 4, 4)]}
+
+
+def shaped_phone(rng: random.Random) -> tuple[str, str, str]:
+    """(formatted, digits, kind): a phone-shaped number with separators whose digits are
+    random, so its area code is often unassigned (phonenumbers calls it invalid)."""
+    digits = lambda n: "".join(rng.choice(string.digits) for _ in range(n))  # noqa: E731
+    if rng.random() < 0.6:
+        a, b, c = str(rng.randint(200, 999)), digits(3), digits(4)
+        sep = rng.choice("-. ")
+        fmt = rng.choice([f"+1-{a}-{b}-{c}", f"{a}.{b}.{c}", f"({a}) {b}-{c}", f"1-{a}-{b}-{c}",
+                          f"{a}{sep}{b}{sep}{c}", f"+1 ({a}) {b}-{c}", f"+1 {a} {b} {c}"])
+        return fmt, a + b + c, "any-area-US"
+    cc = rng.choice(sorted(INTL_SHAPES))
+    groups = [digits(n) for n in rng.choice(INTL_SHAPES[cc])]
+    sep = rng.choice(" -.") if len(groups) > 2 else rng.choice(" -")
+    return f"+{cc} " + sep.join(groups), "".join(groups), "any-area-intl"
+
+
 def phone(rng: random.Random) -> tuple[str, str, str]:
-    """(formatted, national-number digits, kind): valid per phonenumbers' metadata."""
+    """(formatted, national-number digits, kind): valid per phonenumbers' metadata, or (a
+    third) phone-shaped with random digits (`shaped_phone`)."""
+    if rng.random() < 0.33:
+        return shaped_phone(rng)
     region = rng.choice(PHONE_REGIONS[:1] * 5 + PHONE_REGIONS)
     while True:
         ex = phonenumbers.example_number_for_type(region, rng.choice(
@@ -290,6 +315,23 @@ def lookalike(rng: random.Random) -> str:
         "price": rng.choice([f"${rng.randint(1, 9999):,}.{rng.randint(0, 99):02d}",
                              f"€{rng.randint(1, 999)},{rng.randint(0, 99):02d}",
                              f"{rng.randint(1, 99999):,} USD"]),
+    }
+    # Digit runs that phones' shapes must not swallow: parameter and token counts, bare order
+    # numbers, long versions, compact dates (no phone word near them).
+    big = rng.randint(10**9, 10**10 - 1)
+    parts |= {
+        "params": rng.choice([f"{rng.choice([7, 13, 34, 70, 405])}000000000 parameters",
+                              f"a {big}-parameter model", f"{big} tokens", f"{big} rows",
+                              f"{rng.randint(10**8, 10**11):,} parameters"]),
+        "order2": rng.choice([f"order {big}", f"PO {rng.randint(100, 999)}-"
+                              f"{rng.randint(1000, 9999)}-{rng.randint(1000, 9999)}",
+                              f"invoice INV-{y}-{rng.randint(1, 999999):06d}",
+                              f"account {rng.randint(10**7, 10**8 - 1)}"]),
+        "version2": rng.choice([f"v{rng.randint(1, 20)}.{rng.randint(0, 200)}."
+                                f"{rng.randint(1000, 9999)}",
+                                f"{y}.{mo:02d}.{rng.randint(100, 999)}"]),
+        "date2": rng.choice([f"{y}.{mo:02d}.{d:02d}", f"{y}{mo:02d}{d:02d}",
+                             f"{d:02d}-{mo:02d}-{y}", f"{y}/{mo:02d}/{d:02d}"]),
     }
     picks = rng.sample(sorted(parts), 3)
     frames = [

@@ -116,6 +116,12 @@ class IngestConfig(_Section):
     # quality_threshold are filtered as low_quality. "": off.
     quality_model: str = ""
     quality_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    # Bounds while reading raw files, before a line is held in memory: a line, .json array
+    # element or text file over max_record_bytes is skipped unread and quarantined with its size;
+    # a compressed file decompressing to more than max_decompression_ratio times its compressed
+    # size (past the first 64 MiB) is not read further (0: no ratio bound).
+    max_record_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    max_decompression_ratio: float = Field(100.0, ge=0.0)
 
     @field_validator("max_tokens")
     @classmethod
@@ -263,6 +269,9 @@ class TrainConfig(_Section):
     base_model: str = "builtin:tiny-llama"  # a hub id, a local folder, or builtin:tiny-llama
     method: Literal["qlora", "lora"] = "qlora"
     trust_remote_code: bool = False
+    # Base weights are loaded from safetensors only; true also loads pickle checkpoints
+    # (pytorch_model.bin), which can run code when loaded: only for a model you trust.
+    allow_pickle: bool = False
     chat_template: Literal["auto", "chatml", "llama-3", "alpaca"] = "auto"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     learning_rate: float = Field(2e-4, gt=0, le=1.0)

@@ -21,7 +21,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
@@ -125,6 +125,39 @@ class Arrivals:
                     e.update(status="pending", emitted_at=None, run=None)
 
 
+    def release_dead(self, is_dead: Callable[[str], bool]) -> list[str]:
+        """Files claimed by a run that ended without success (crashed, cancelled, stopped by
+        ``ftflow down``) go back to pending: such a run never got to release them itself."""
+        freed = []
+        with self._state() as state:
+            runs = {e.get("run") for e in state.values() if e["status"] == "claimed"}
+            dead = {r for r in runs if r and is_dead(r)}
+            for path, e in state.items():
+                if e["status"] == "claimed" and e.get("run") in dead:
+                    e.update(status="pending", emitted_at=None, run=None)
+                    freed.append(path)
+        return sorted(freed)
+
+
+def _run_ended_badly(run: str) -> bool:
+    """Whether Prefect holds this flow run in a final state other than Completed."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        run_id = UUID(run)
+    except ValueError:
+        return False  # a claim from `ftflow run` in local mode: only the stale rule frees it
+    with get_client(sync_client=True) as client:
+        try:
+            state = client.read_flow_run(run_id).state
+        except ObjectNotFound:
+            return True
+    return state is not None and state.is_final() and not state.is_completed()
+
+
 def _candidates(inbox: Path) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
     for pattern in PATTERNS:
@@ -145,7 +178,12 @@ def _digest(path: str) -> str:
 @flow(name="watch-inbox")
 def watch_inbox(inbox: str, home: str, settle_s: float = 5.0) -> list[str]:
     """Emit one ftflow.data.arrived event naming the complete new files in the inbox."""
-    files = Arrivals(home).scan(inbox, settle_s)
+    arrivals = Arrivals(home)
+    freed = arrivals.release_dead(_run_ended_badly)
+    if freed:
+        get_run_logger().warning("%d file(s) were claimed by a run that did not finish; "
+                                 "they are pending again: %s", len(freed), freed)
+    files = arrivals.scan(inbox, settle_s)
     if files:
         emit_event(event=DATA_EVENT, resource={"prefect.resource.id": inbox_resource(inbox)},
                    payload={"files": files})

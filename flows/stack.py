@@ -440,6 +440,8 @@ def down(home: Path, grace: float = 20.0, quiet: bool = False) -> int:
         return 0
     code = 0
     for name in reversed(COMPONENTS):
+        if name == "mlflow" and "worker" in state:
+            _crash_orphans(state, quiet)  # the worker is gone; the Prefect server is still up
         if name not in state:
             continue
         members: dict[int, int] = {}
@@ -461,6 +463,33 @@ def down(home: Path, grace: float = 20.0, quiet: bool = False) -> int:
     if code == 0:
         state_path(home).unlink(missing_ok=True)
     return code
+
+
+IN_FLIGHT = ["PENDING", "RUNNING", "CANCELLING"]
+
+
+def _crash_orphans(state: dict[str, Any], quiet: bool) -> None:
+    """Runs the stopped worker was executing end Crashed, saying why, instead of Running forever.
+
+    A data-arrival run's files go back to pending at the watcher's next look (its claim belongs
+    to a crashed run), and any run resumes with ``ftflow run CONFIG --run-id ID``.
+    """
+    api_url = state.get("prefect", {}).get("api_url")
+    if not api_url or not prefect_reachable(api_url):
+        return
+    try:
+        runs = _post_json(f"{api_url}/flow_runs/filter", {
+            "work_pools": {"name": {"any_": [state.get("pool")]}},
+            "flow_runs": {"state": {"type": {"any_": IN_FLIGHT}}}})
+        for run in runs or []:
+            _post_json(f"{api_url}/flow_runs/{run['id']}/set_state", {"force": True, "state": {
+                "type": "CRASHED", "name": "Crashed",
+                "message": "ftflow down stopped the stack while this run was going; its "
+                           "finished stages are kept: rerun it to resume"}})
+            if not quiet:
+                print(f"marked run {run['name']} Crashed (it was {run['state_type']})")
+    except (OSError, ValueError) as err:
+        print(f"ftflow: warning: could not mark the interrupted runs: {err}", file=sys.stderr)
 
 
 def status(home: Path, quiet: bool = False) -> int:

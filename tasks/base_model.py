@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from data_contracts.config import ConfigError
 from tasks.chat_templates import CHATML_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,9 @@ BUILTIN_PREFIX = "builtin:"
 TINY_NAME = "tiny-llama"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = REPO_ROOT / "sample_data"
+
+# Weight files in Python's pickle format: loading one can run any code its author put in it.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 
@@ -103,3 +107,26 @@ def resolve_base_model(name: str, home: str | Path) -> str:
             if not (path / "model.safetensors").exists():
                 build_tiny_model(path)
     return str(path)
+
+
+def check_safetensors(path: str, allow_pickle: bool, key: str = "train.base_model") -> None:
+    """Refuse a local model folder whose weights are only pickle files, unless allowed.
+
+    A hub id is not looked at here: the loaders pass ``use_safetensors=True`` (see
+    ``safetensors_only``), so transformers itself refuses pickle weights from the hub.
+    """
+    folder = Path(path)
+    if allow_pickle or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern)
+                     if p.name != "training_args.bin")
+    if pickles:
+        raise ConfigError(
+            f"{key}: {folder} holds only pickle weights ({', '.join(pickles)}), and ftflow loads "
+            "safetensors only: loading a pickle file can run code. Convert the model to "
+            "safetensors, or set train.allow_pickle=true if you trust where it came from")
+
+
+def safetensors_only(allow_pickle: bool) -> dict[str, bool]:
+    """The from_pretrained keyword that refuses pickle weights (none when they are allowed)."""
+    return {} if allow_pickle else {"use_safetensors": True}

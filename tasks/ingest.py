@@ -37,7 +37,7 @@ from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message
 from tasks.assets import ensure_lid_model
 from tasks.base_model import resolve_base_model
-from tasks.io import Quarantined, file_digest, iter_input
+from tasks.io import DEFAULT_LIMITS, Quarantined, ReadLimits, file_digest, iter_input
 from tasks.stage_dir import StageDir, StageWriter
 from tasks.quality import QualityModel
 
@@ -450,9 +450,9 @@ REASONS = {
 
 
 def _documents(inputs: str | Path | list[str], writer: StageWriter,
-               seen: Counter[str]) -> Iterator[Document]:
+               seen: Counter[str], limits: ReadLimits = DEFAULT_LIMITS) -> Iterator[Document]:
     """One Document per parsed record; unparseable inputs go straight to quarantine."""
-    for item in iter_input(inputs):
+    for item in iter_input(inputs, limits):
         seen["records_in"] += 1
         if isinstance(item, Quarantined):
             writer.quarantine(item)
@@ -523,7 +523,8 @@ def run_ingest(input_path: str | Path | list[str], out_dir: str | Path, cfg: Ing
     if cfg.repair_encoding and HAS_FTFY:
         steps.insert(0, RepairEncoding())
     seen: Counter[str] = Counter()
-    docs: DocumentsPipeline = _documents(input_path, writer, seen)
+    limits = ReadLimits(cfg.max_record_bytes, cfg.max_decompression_ratio)
+    docs: DocumentsPipeline = _documents(input_path, writer, seen, limits)
     for step in steps:
         docs = step.run(docs)
     for doc in docs:

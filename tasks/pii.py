@@ -19,6 +19,7 @@ from pathlib import Path
 import phonenumbers
 import spacy
 from presidio_analyzer import (
+    AnalysisExplanation,
     AnalyzerEngine,
     EntityRecognizer,
     Pattern,
@@ -170,7 +171,13 @@ class _ShortCandidateSkippingMatcher(phonenumbers.PhoneNumberMatcher):
 class _PhoneRecognizer(PhoneRecognizer):
     """Presidio's phone recogniser, skipping regions whose shortest number cannot fit the text
     and candidates too short to be a number (`_ShortCandidateSkippingMatcher`), and dropping
-    digit strings that read as something else (`_not_a_phone`)."""
+    digit strings that read as something else (`_not_a_phone`).
+
+    Two changes to what counts as a phone: a number written in a phone's shape with separators
+    (`PHONE_SHAPE`: (555) 123-4567, 555.123.4567, +1-555-123-4567, +44 20 7946 0958) is one
+    whether or not phonenumbers knows its area code as assigned; and a bare run of digits
+    (4155550123) is one only next to a phone word (`_PHONE_CONTEXT`: call, tel, phone, ...),
+    otherwise it is a count, an order number or an id."""
 
     def __init__(self, regions: tuple[str, ...]) -> None:
         super().__init__(supported_regions=regions, leniency=1)
@@ -185,15 +192,59 @@ class _PhoneRecognizer(PhoneRecognizer):
                 continue
             for match in _ShortCandidateSkippingMatcher(text, region, self.leniency,
                                                         self.min_digits[region]):
-                if not _not_a_phone(text, match.start, match.raw_string, match.end):
-                    results.append(self._get_recognizer_result(match, text, region, nlp_artifacts))
-        return EntityRecognizer.remove_duplicates(results)
+                if _not_a_phone(text, match.start, match.raw_string, match.end):
+                    continue
+                if match.raw_string.strip("() ").isdigit() and not _phone_context(
+                        text, match.start, match.end):
+                    continue
+                results.append(self._get_recognizer_result(match, text, region, nlp_artifacts))
+        results = EntityRecognizer.remove_duplicates(results)
+        if run >= 8:  # the shortest PHONE_SHAPE has 8 digits
+            for m in PHONE_SHAPE.finditer(text):
+                digits = sum(ch.isdigit() for ch in m.group())
+                if not 8 <= digits <= 15 or _not_a_phone(text, m.start(), m.group(), m.end()):
+                    continue
+                overlap = [r for r in results if m.start() < r.end and r.start < m.end()]
+                if overlap:  # phonenumbers found part of it ("(555) 123-4567" of "+1 (555)...")
+                    for r in overlap:
+                        r.start, r.end = min(r.start, m.start()), max(r.end, m.end())
+                    continue
+                results.append(RecognizerResult(
+                    self.supported_entities[0], m.start(), m.end(), SHAPE_SCORE,
+                    analysis_explanation=AnalysisExplanation(
+                        recognizer=self.name, original_score=SHAPE_SCORE,
+                        pattern_name="phone_shape", pattern=PHONE_SHAPE.pattern),
+                    recognition_metadata={RecognizerResult.RECOGNIZER_NAME_KEY: self.name,
+                                          RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: self.id}))
+        return results
+
+
+# Phone-shaped numbers, valid or not: NANP 3-3-4 with one separator used throughout (or the
+# area code in parentheses), optionally +1/1 first; or "+<country code>" and 2-6 groups.
+PHONE_SHAPE = re.compile(r"""
+    (?<![\w+.\-/])(?:
+        (?:\+?1[ .-]?)?\(\d{3}\)[ ]?\d{3}[ .-]\d{4}
+      | (?:\+?1(?P<s0>[ .-]))?\d{3}(?P<s1>[ .-])\d{3}(?P=s1)\d{4}
+      | \+\d{1,3}(?:[ .-]?\(\d{1,5}\)|[ .-]\d{1,5}){2,6}
+    )(?![\w\-]|[.,/:]\d)""", re.X)
+SHAPE_SCORE = 0.6
+# Words that make a bare digit run a phone number: "call 4155550123", "tel: 02079460958".
+_PHONE_CONTEXT = re.compile(
+    r"\b(?:call(?:ed|ing|s)?|phone|tel|telephone|mobile|cell(?:phone)?|fax|sms|text(?:ed)?|"
+    r"whats ?app|dial|ring|reach(?: me)?|contact|hotline|my (?:number|no\.?)|number is)\b",
+    re.IGNORECASE)
+
+
+def _phone_context(text: str, start: int, end: int) -> bool:
+    """A phone word within a few words before the digits, or right after them."""
+    return bool(_PHONE_CONTEXT.search(text[max(0, start - 40):start])
+                or _PHONE_CONTEXT.search(text[end:end + 20]))
 
 
 # A number right after one of these labels is a reference, not a phone ("order number 41555...").
 _REFERENCE_LABEL = re.compile(
     r"\b(?:order|invoice|ticket|tracking|case|ref|reference|serial|sku|transaction|"
-    r"confirmation|build|issue|pr)\s*(?:number|no\.?|num|id|#)?\s*[:#]?\s*$", re.IGNORECASE)
+    r"confirmation|build|issue|pr|po|purchase order)\s*(?:number|no\.?|num|id|#)?\s*[:#]?\s*$", re.IGNORECASE)
 
 
 def _not_a_phone(text: str, start: int, raw: str, end: int) -> bool:
@@ -210,8 +261,9 @@ def _not_a_phone(text: str, start: int, raw: str, end: int) -> bool:
         return True  # a dotted version: '16.8.67.6153' (dotted phones use 2-4 digit groups)
     if re.fullmatch(r"1\d{9}", raw.strip("()")):
         return True  # a bare Unix timestamp (2001-2033); no NANP number starts with 1
-    if re.fullmatch(r"(?:0?[1-9]|[12]\d|3[01])\.(?:0?[1-9]|1[0-2])\.(?:19|20)\d\d", raw):
-        return True  # a dotted date: '12.12.2016'
+    if re.fullmatch(r"\d{1,2}([-./])\d{1,2}\1(?:19|20)\d\d|(?:19|20)\d\d([-./])\d{1,2}\2\d{1,2}",
+                    raw):
+        return True  # a date: '12.12.2016', '07-04-2022', '2024/10/15'
     if start >= 2 and text[start - 1] in ":." and text[start - 2].isdigit():
         return True  # the tail of a time, address or port: '20:46:16.414', '0.0.0.0:1685'
     return bool(_REFERENCE_LABEL.search(text[max(0, start - 40):start]))

@@ -34,6 +34,11 @@ from tasks.progress import Progress
 log = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
+# Rows that may never have passed the PII stage (dropped by a filter before it, or raw lines
+# that did not parse): written owner-only, and never logged to MLflow or Prefect
+# (tasks/tracking.py skips them). They stay in the run folder for the owner to inspect.
+PRIVATE_FILES = ("filtered.jsonl.gz", "quarantine.jsonl.gz")
+PRIVATE_MODE = 0o600
 # The held-out split: "carry" copies it through untouched; "own" means the stage reads and
 # writes it itself (PII scrubs it, dedup carves it, train and evaluate use it).
 Heldout = Literal["carry", "own"]
@@ -139,8 +144,11 @@ class StageWriter:
     def _write(self, name: str, line: str) -> None:
         fh = self._files.get(name)
         if fh is None:
-            fh = self._files[name] = gzip.open(self.dir / (name + PARTIAL), "wt",
-                                               encoding="utf-8")
+            path = self.dir / (name + PARTIAL)
+            if name in PRIVATE_FILES:  # owner-only from its first byte
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE))
+                os.chmod(path, PRIVATE_MODE)
+            fh = self._files[name] = gzip.open(path, "wt", encoding="utf-8")
         fh.write(line + "\n")
         self.progress.update()
 

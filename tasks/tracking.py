@@ -20,12 +20,15 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from data_contracts.manifest import Manifest
+from tasks.stage_dir import PRIVATE_FILES
 
 log = logging.getLogger(__name__)
 
 MAX_ARTIFACT_BYTES = 20 * 1024 * 1024
 MAX_PARAM_CHARS = 500
-SKIP_ARTIFACTS = ("train-", "heldout-")
+# Record files are never artifacts: the splits are big, and the private files (filtered rows,
+# quarantined raw lines) hold rows that never passed the PII stage.
+SKIP_ARTIFACTS = ("train-", "heldout-", *PRIVATE_FILES)
 # The record files of each split in a stage directory.
 SPLIT_FILES = {"train": "train-", "heldout": "heldout-"}
 

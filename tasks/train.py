@@ -15,6 +15,7 @@ from pathlib import Path
 
 from data_contracts.config import TrainConfig
 from data_contracts.manifest import Manifest
+from tasks.base_model import check_safetensors, resolve_base_model
 from tasks.stage_dir import StageDir
 from tasks.train_common import STAGE, TrainJob
 from tasks.train_pref import train_pref
@@ -27,6 +28,8 @@ def run_train(input_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
     train.objective dpo or orpo, on its preference pairs instead."""
     # The manifest lists adapter/, merged/ and history with their digests: a crash in the
     # merge, or a model file changed since, is never "up to date".
+    # Before anything is loaded: a pickle-only base is refused in seconds, not after torch.
+    check_safetensors(resolve_base_model(cfg.base_model, home), cfg.allow_pickle)
     stage = StageDir(out_dir, STAGE, cfg.digest(), input_path)
     if (done := stage.finished()) is not None:
         return done

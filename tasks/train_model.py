@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from data_contracts.config import TrainConfig
+from tasks.base_model import safetensors_only
 from tasks.chat_templates import END_OF_TURN
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def load_model(base: str, cfg: TrainConfig, cuda: bool) -> tuple[Any, bool, str 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype(cuda)
-    common = {"trust_remote_code": cfg.trust_remote_code}
+    common = {"trust_remote_code": cfg.trust_remote_code, **safetensors_only(cfg.allow_pickle)}
     fallback_reason = None
     device_map, storage = _4bit_placement(cuda, dtype)
     if cfg.method == "qlora":
@@ -200,7 +201,8 @@ def merge(base: str, adapter_dir: Path, merged_dir: Path, tokenizer: Any,
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        base, dtype="auto", trust_remote_code=cfg.trust_remote_code)
+        base, dtype="auto", trust_remote_code=cfg.trust_remote_code,
+        **safetensors_only(cfg.allow_pickle))
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     end = END_OF_TURN.get(template_source)
     if end and end in tokenizer.get_vocab():

@@ -91,6 +91,22 @@ def test_claim_consume_release_never_lose_or_repeat_a_file(tmp_path: Path) -> No
     assert a in arrivals.scan(inbox, 0, now + 701)
 
 
+def test_files_of_a_run_that_died_without_a_word_are_pending_again(tmp_path: Path) -> None:
+    inbox, arrivals = tmp_path / "inbox", Arrivals(tmp_path / "home")
+    now = time.time()
+    a = str(_drop(inbox, "a.jsonl", _chats(2, 1, "a")))
+    b = str(_drop(inbox, "b.jsonl", _chats(2, 2, "b")))
+    arrivals.scan(inbox, 0, now)
+    arrivals.scan(inbox, 0, now + 1)
+    arrivals.claim([a], "crashed-run")
+    arrivals.claim([b], "live-run")
+    asked = []
+    freed = arrivals.release_dead(lambda run: asked.append(run) or run == "crashed-run")
+    assert freed == [a] and sorted(asked) == ["crashed-run", "live-run"]
+    assert arrivals.scan(inbox, 0, now + 2) == [a], "announced again for the next run"
+    assert arrivals.files()[b]["status"] == "claimed", "a live run keeps its files"
+
+
 def _dedup_dir(root: Path, n: int, seed: int, prefix: str) -> Path:
     return write_stage_dir(root, support_chats(n, seed=seed, prefix=prefix))
 

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -253,9 +254,22 @@ def test_redeploy_keeps_what_the_user_edited_in_the_ui(stack) -> None:
 
 def test_down_stops_everything_up_started(stack) -> None:
     state = recorded(stack.home)
+    # a run in flight when the stack stops ends Crashed, saying why, not Running forever
+    dep = deployment(stack.api_url, "finetune-pipeline/nightly")
+    long = dict(dep["parameters"], overrides=SMALL + ["train.max_steps=100000"])
+    run = api(f"{stack.api_url}/deployments/{dep['id']}/create_flow_run", {"parameters": long})
+    deadline = time.monotonic() + 240
+    while api(f"{stack.api_url}/flow_runs/{run['id']}")["state_type"] != "RUNNING":
+        assert time.monotonic() < deadline, "the worker never started the run"
+        time.sleep(2)
     r = ftflow("down", env=stack.env, cwd=stack.cwd, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert f"marked run {run['name']} Crashed" in r.stdout, r.stdout
     assert_all_gone(state, stack.ports)
+    db = sqlite3.connect(f"file:{stack.home / 'prefect-server' / 'prefect.db'}?mode=ro", uri=True)
+    (row,) = db.execute("select state_type, state_name from flow_run where id = ?",
+                        (run["id"],)).fetchall()
+    assert row == ("CRASHED", "Crashed")
     assert not (stack.home / "stack.json").exists()
     assert ftflow("status", env=stack.env, cwd=stack.cwd, timeout=60).returncode == 1
 
