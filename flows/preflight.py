@@ -122,10 +122,12 @@ def check_inputs(patterns: list[str]) -> tuple[list[str], int]:
     return problems, size
 
 
-def _model_problem(key: str, name: str) -> tuple[str | None, int]:
+def _model_problem(key: str, name: str, allow_pickle: bool = False) -> tuple[str | None, int]:
     """None (and its size in bytes) when the model is a builtin, a local folder with a config and
-    weights, or a hub id already in the local Hugging Face cache (runs are offline)."""
-    from tasks.base_model import BUILTIN_PREFIX, TINY_NAME
+    weights (safetensors unless pickle is allowed), or a hub id already in the local Hugging Face
+    cache (runs are offline)."""
+    from data_contracts.config import ConfigError
+    from tasks.base_model import BUILTIN_PREFIX, TINY_NAME, check_safetensors
 
     if name.startswith(BUILTIN_PREFIX):
         if name != BUILTIN_PREFIX + TINY_NAME:
@@ -140,6 +142,10 @@ def _model_problem(key: str, name: str) -> tuple[str | None, int]:
         weights = [*path.glob("*.safetensors"), *path.glob("*.bin")]
         if not weights:
             return f"{key}: {name} holds no weights (*.safetensors)", 0
+        try:
+            check_safetensors(str(path), allow_pickle, key)
+        except ConfigError as err:
+            return str(err), 0
         return None, sum(w.stat().st_size for w in weights)
     from huggingface_hub import try_to_load_from_cache
 
@@ -174,7 +180,8 @@ def preflight(cfg: PipelineConfig) -> None:
         problems.append(tracking)
     input_problems, input_bytes = check_inputs(cfg.ingest.inputs)
     problems += input_problems
-    model, model_bytes = _model_problem("train.base_model", cfg.train.base_model)
+    model, model_bytes = _model_problem("train.base_model", cfg.train.base_model,
+                                        cfg.train.allow_pickle)
     if model:
         problems.append(model)
     if cfg.augment.enabled and cfg.augment.teacher.kind == "transformers":

@@ -90,3 +90,13 @@ def test_disk_too_small_says_how_much(tmp_path: Path) -> None:
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
         shutil.rmtree(mnt, ignore_errors=True)
+
+
+def test_pickle_only_base_model_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    model = tmp_path / "pickled"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "pytorch_model.bin").write_bytes(b"\x80\x04not really a model")
+    lines = _errors(_run(small_run(tmp_path / "home", f"train.base_model={model}"), tmp_path))
+    assert len(lines) == 1 and "train.base_model" in lines[0], lines
+    assert "pytorch_model.bin" in lines[0] and "train.allow_pickle" in lines[0], lines
