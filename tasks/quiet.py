@@ -32,8 +32,6 @@ QUIET_WARNINGS = (
     (r"`\w*gradient_checkpointing\w*` is deprecated", FutureWarning),
     # distilabel 1.5.3 declares Field(default=None) inside Annotated types (pydantic 2.14).
     (r"The 'default' attribute with value None was provided to the `Field\(\)`", Warning),
-    # mlflow infers a schema from the served model's `Any` type hints, and says so each time.
-    (r".*Any type hint is inferred as AnyType", UserWarning),
 )
 
 
