@@ -12,6 +12,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
+# Upper bounds no real run wants to pass (a typo such as batch_size=1000000000 or epochs=1e12
+# is an error naming the key, not hours of work): generous enough for an 8B model on long
+# contexts on a multi-GPU node.
+MAX_BATCH = 4096  # per-device batch, gradient accumulation, rows per teacher/eval/spaCy batch
+MAX_TOKENS = 1_048_576  # sequence and generation lengths: 1M-token contexts
+MAX_STEPS = 100_000_000  # optimizer steps, and eval/save/logging intervals
+MAX_RECORDS = 100_000_000  # record counts one setting selects (seeds, held-out, eval samples)
+MAX_CHARS = 100_000_000  # characters of one record
+MAX_WORDS = 1_000_000
+MAX_WORKERS = 1024
+MAX_TIMEOUT_S = 30 * 24 * 3600
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and what it expected."""
 
@@ -33,14 +46,14 @@ def default_home() -> Path:
 class StageTimeouts(_Section):
     """Seconds each stage may run in the flow before Prefect stops it (then its retries run)."""
 
-    ingest: float = Field(6 * 3600, gt=0)
-    pii: float = Field(6 * 3600, gt=0)
-    dedup: float = Field(6 * 3600, gt=0)
-    curate: float = Field(2 * 3600, gt=0)
-    augment: float = Field(12 * 3600, gt=0)
-    train: float = Field(72 * 3600, gt=0)
-    evaluate: float = Field(6 * 3600, gt=0)
-    export: float = Field(2 * 3600, gt=0)
+    ingest: float = Field(6 * 3600, gt=0, le=MAX_TIMEOUT_S)
+    pii: float = Field(6 * 3600, gt=0, le=MAX_TIMEOUT_S)
+    dedup: float = Field(6 * 3600, gt=0, le=MAX_TIMEOUT_S)
+    curate: float = Field(2 * 3600, gt=0, le=MAX_TIMEOUT_S)
+    augment: float = Field(12 * 3600, gt=0, le=MAX_TIMEOUT_S)
+    train: float = Field(72 * 3600, gt=0, le=MAX_TIMEOUT_S)
+    evaluate: float = Field(6 * 3600, gt=0, le=MAX_TIMEOUT_S)
+    export: float = Field(2 * 3600, gt=0, le=MAX_TIMEOUT_S)
 
 
 class RunConfig(_Section):
@@ -75,8 +88,8 @@ class IngestConfig(_Section):
     language_threshold: float = Field(0.65, ge=0.0, le=1.0)
     lid_model: str = ""  # path to lid.176.ftz/bin; default: <home>/assets/lid.176.ftz
     repair_encoding: bool = True  # fix mojibake with ftfy before the filters judge the text
-    min_words: int = Field(3, ge=0)  # words with a letter or digit, over all turns
-    max_chars: int = Field(20_000, gt=0)
+    min_words: int = Field(3, ge=0, le=MAX_WORDS)  # words with a letter or digit, over all turns
+    max_chars: int = Field(20_000, gt=0, le=MAX_CHARS)
     gopher_quality: bool = True
     # Gopher's web-page thresholds, adapted to chat: a support exchange is often 15 words.
     gopher_min_doc_words: int = Field(5, ge=1)  # >= 1: Gopher divides by the word count
@@ -100,8 +113,8 @@ class IngestConfig(_Section):
     # Token-length bounds, counted with the base model's tokenizer on the record as training
     # renders it (chat template for chats and pairs). 0: off. Off by default: train truncates at
     # train.max_length; set max_tokens to it to drop such records instead of truncating them.
-    min_tokens: int = Field(0, ge=0)
-    max_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS)
+    max_tokens: int = Field(0, ge=0, le=MAX_TOKENS)
     tokenizer: str = ""  # hub id, local folder or builtin:*; "": the run's train.base_model
     # A fastText classifier from `ftflow quality-model train`: records whose P(good) is below
     # quality_threshold are filtered as low_quality. "": off.
@@ -148,10 +161,10 @@ class PiiConfig(_Section):
     phone_regions: list[str] = Field(
         default_factory=lambda: ["US", "GB", "DE", "FR", "IL", "IN", "CA", "BR", "AU"]
     )
-    batch_size: int = Field(64, gt=0)  # texts per spaCy batch
-    sample_size: int = Field(50, ge=0)  # rows in redactions_sample.jsonl
+    batch_size: int = Field(64, gt=0, le=MAX_BATCH)  # texts per spaCy batch
+    sample_size: int = Field(50, ge=0, le=100_000)  # rows in redactions_sample.jsonl
     # Analysis processes: 0 = one per available CPU (capped), 1 = in the stage's own process.
-    workers: int = Field(0, ge=0)
+    workers: int = Field(0, ge=0, le=MAX_WORKERS)
 
     def digest(self) -> str:
         """As every section's, minus `workers`: the output is the same for any worker count."""
@@ -184,9 +197,9 @@ class DedupRayConfig(_Section):
 
 class DedupConfig(_Section):
     eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    eval_max: int = Field(200, ge=0)
-    ngram: int = Field(5, ge=1)
-    num_perm: int = Field(128, ge=16)
+    eval_max: int = Field(200, ge=0, le=MAX_RECORDS)
+    ngram: int = Field(5, ge=1, le=64)
+    num_perm: int = Field(128, ge=16, le=4096)
     threshold: float = Field(0.8, gt=0.0, le=1.0)  # true word-n-gram Jaccard to call a duplicate
     # LSH looks for candidates down to this estimated Jaccard; each is then confirmed exactly
     # (lower = fewer pairs near `threshold` missed by MinHash noise, a little slower).
@@ -198,8 +211,8 @@ class DedupConfig(_Section):
     # auto: local up to local_max_records records, datatrove above.
     executor: Literal["auto", "local", "datatrove", "slurm", "ray"] = "auto"
     local_max_records: int = Field(500_000, ge=0)  # auto: ~3.3 GB of in-process index at most
-    tasks: int = Field(4, ge=1)  # datatrove: input shards (signature and filter tasks)
-    workers: int = Field(0, ge=0)  # datatrove tasks at once; 0: one per CPU (datatrove), all
+    tasks: int = Field(4, ge=1, le=100_000)  # datatrove: input shards (signature and filter tasks)
+    workers: int = Field(0, ge=0, le=MAX_WORKERS)  # datatrove tasks at once; 0: one per CPU (datatrove), all
     work_dir: str = ""  # datatrove scratch (shards, signatures, logs); "": <out_dir>/_datatrove
     slurm: DedupSlurmConfig = Field(default_factory=DedupSlurmConfig, validate_default=True)
     ray: DedupRayConfig = Field(default_factory=DedupRayConfig)
@@ -234,20 +247,20 @@ class TeacherConfig(_Section):
     model: str = "builtin:tiny-llama"  # a hub id, a local path, or builtin:tiny-llama
     base_url: str = ""  # OpenAI-compatible endpoint, for kind=openai
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable, never stored
-    temperature: float = Field(0.7, ge=0.0)
-    max_new_tokens: int = Field(96, gt=0)
+    temperature: float = Field(0.7, ge=0.0, le=10.0)
+    max_new_tokens: int = Field(96, gt=0, le=MAX_TOKENS)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # transformers teacher only
 
 
 class AugmentConfig(_Section):
     enabled: bool = True
-    max_seed_records: int = Field(16, ge=0)
+    max_seed_records: int = Field(16, ge=0, le=MAX_RECORDS)
     seed: int = 0  # which train records become seeds (deterministic for a given seed)
-    batch_size: int = Field(8, gt=0)  # rows per teacher batch
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH)  # rows per teacher batch
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     # Validation of every generation: failures are filtered as synthetic_invalid.
-    min_words: int = Field(4, ge=0)
-    max_chars: int = Field(4000, gt=0)
+    min_words: int = Field(4, ge=0, le=MAX_WORDS)
+    max_chars: int = Field(4000, gt=0, le=MAX_CHARS)
     min_printable_ratio: float = Field(0.95, ge=0.0, le=1.0)
     # Share of whitespace tokens that are words (letters, with surrounding punctuation allowed):
     # word salad from a weak teacher (mixed digits/letters, fragments) falls below it.
@@ -255,8 +268,8 @@ class AugmentConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
+    r: int = Field(16, gt=0, le=4096)
+    alpha: int = Field(32, gt=0, le=65_536)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
     use_dora: bool = False
@@ -271,18 +284,18 @@ class TrainConfig(_Section):
     allow_pickle: bool = False
     chat_template: Literal["auto", "chatml", "llama-3", "alpaca"] = "auto"
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    weight_decay: float = Field(0.01, ge=0.0, le=10.0)
+    epochs: float = Field(3.0, gt=0, le=1000)
+    max_steps: int = Field(-1, ge=-1, le=MAX_STEPS)  # -1: epochs decide
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH)
+    grad_accum: int = Field(1, gt=0, le=MAX_BATCH)
     # auto: paged_adamw_8bit on CUDA; adamw_torch on CPU, where bitsandbytes' 8-bit AdamW runs
     # but ~10x slower per step and LoRA's optimizer state is small anyway. Any transformers name.
     optimizer: str = "auto"
-    max_length: int = Field(512, gt=0)
+    max_length: int = Field(512, gt=0, le=MAX_TOKENS)
     assistant_only_loss: bool = True
     packing: bool = False
     # Batches of similar lengths pad less (length-grouped sampler): 1.6x the real tokens/s of a
@@ -293,12 +306,12 @@ class TrainConfig(_Section):
     # Recompute activations in the backward pass (trl's default too): less memory, and on CPU it
     # was no slower (less memory traffic).
     gradient_checkpointing: bool = True
-    eval_steps: int = Field(50, gt=0)
-    save_steps: int = Field(50, gt=0)
-    logging_steps: int = Field(5, gt=0)
+    eval_steps: int = Field(50, gt=0, le=MAX_STEPS)
+    save_steps: int = Field(50, gt=0, le=MAX_STEPS)
+    logging_steps: int = Field(5, gt=0, le=MAX_STEPS)
     # Stop after this many evaluations without an eval-loss improvement larger than the threshold
     # and export the best checkpoint (saving then happens at every evaluation). 0: off.
-    early_stopping_patience: int = Field(0, ge=0)
+    early_stopping_patience: int = Field(0, ge=0, le=10_000)
     early_stopping_threshold: float = Field(0.0, ge=0.0)
     # sft: learn the replies (a preference pair counts as prompt + chosen). dpo / orpo (trl): learn
     # from preference pairs which reply is better (tasks/train_pref.py). trl 1.16 has no separate
@@ -306,7 +319,14 @@ class TrainConfig(_Section):
     objective: Literal["sft", "dpo", "orpo"] = "sft"
     # trl's `beta` for both: DPO's beta (higher stays closer to the base model), ORPO's lambda
     # (the weight of the odds-ratio term next to the chosen reply's NLL).
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0, le=100.0)
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("must be -1 (train.epochs decide) or a positive number of steps")
+        return v
 
 
 EVAL_METRICS = (
@@ -316,9 +336,9 @@ EVAL_METRICS = (
 
 
 class EvaluateConfig(_Section):
-    max_samples: int = Field(100, gt=0)
-    num_choices: int = Field(4, ge=2)
-    batch_size: int = Field(8, gt=0)
+    max_samples: int = Field(100, gt=0, le=MAX_RECORDS)
+    num_choices: int = Field(4, ge=2, le=26)
+    batch_size: int = Field(8, gt=0, le=MAX_BATCH)
     seed: int = 0  # picks the multiple-choice distractors
     device: Literal["auto", "cpu", "cuda"] = "auto"
     gate_metric: str = "ftflow_heldout_ppl.word_perplexity"  # one of EVAL_METRICS
@@ -337,7 +357,7 @@ class ExportConfig(_Section):
     alias: str = "candidate"
     register_if_gate_fails: bool = False
     experiment: str = "ftflow"  # used only when no parent run is given
-    max_new_tokens: int = Field(64, gt=0)  # default reply length of the served model
+    max_new_tokens: int = Field(64, gt=0, le=MAX_TOKENS)  # default reply length of the served model
     # Move `champion` when the gate passed and the version beats the champion's target score.
     champion: bool = True
     gguf: list[Literal["f16", "q8_0"]] = Field(default_factory=lambda: ["f16", "q8_0"])  # []: none

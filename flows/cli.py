@@ -13,7 +13,9 @@ from data_contracts.config import ConfigError, default_home, load_config
 from data_contracts.records import RecordError
 from data_contracts.stage_outputs import StageOutputError
 from flows.env import quiet_offline_env
+from flows.preflight import PreflightError
 from flows.stack import apply_stack_env
+from tasks.quiet import quiet_library_noise
 from tasks.stages import COMMANDS
 
 
@@ -33,15 +35,46 @@ def _set_home_env(home: str) -> None:
     prefect_home.expanduser().mkdir(parents=True, exist_ok=True)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    config, overrides = _split_args(args.items)
-    cfg = load_config(config, overrides)  # validate before Prefect starts
-    _set_home_env(cfg.run.home)
-    from flows.pipeline import finetune_pipeline
-    from flows.report import print_summary
+def _start_local_prefect() -> None:
+    """Prefect's temporary server of local mode (no PREFECT_API_URL), started under a lock on
+    its home: two runs starting at once on one home raced on its SQLite schema. Nothing to do
+    when the run talks to a server."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
-    out = finetune_pipeline(config_path=config, overrides=overrides, run_id=args.run_id)
-    print_summary(out, cfg)
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from tasks.locks import file_lock
+
+    with file_lock(Path(PREFECT_HOME.value()) / "ftflow-server.lock",
+                   "another run on this home is starting Prefect's temporary server"):
+        SubprocessASGIServer().start()  # the instance the flow's Prefect client uses
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.preflight import preflight
+    from tasks.interrupt import RunInterrupted, stop_on_signals
+
+    config, overrides = _split_args(args.items)
+    with stop_on_signals():  # SIGTERM/SIGINT: stop at a safe point, mark the runs, exit
+        cfg = load_config(config, overrides)  # validate before Prefect starts
+        preflight(cfg)  # tracking store, inputs, base model, disk: in seconds, before any work
+        _set_home_env(cfg.run.home)
+        try:
+            # Prefect stops its temporary server at exit (atexit, after its log and event
+            # workers have drained); a signal ends the process through that path too.
+            _start_local_prefect()
+            from flows.pipeline import finetune_pipeline
+            from flows.report import print_summary
+
+            out = finetune_pipeline(config_path=config, overrides=overrides, run_id=args.run_id)
+        except RunInterrupted as err:
+            again = f" --run-id {args.run_id}" if args.run_id else " --run-id <its run id>"
+            print(f"ftflow: run {err} at a safe point; rerun with{again} to resume",
+                  file=sys.stderr)
+            return 128 + err.signum
+        print_summary(out, cfg)
     return 0
 
 
@@ -65,7 +98,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
             raise ConfigError(f"{s.command} needs --{option.replace('_', '-')} (a "
                               f"{spec(read).command} stage directory)")
         inputs.append(getattr(args, option))
-    m = run_stage(s, StageContext(cfg, out, tuple(inputs)))
+    from tasks.interrupt import RunInterrupted, stop_on_signals
+
+    with stop_on_signals():  # SIGTERM/SIGINT: training saves a checkpoint, then the stage stops
+        try:
+            m = run_stage(s, StageContext(cfg, out, tuple(inputs)))
+        except RunInterrupted as err:
+            print(f"ftflow: stage {s.command} {err}; run the same command again to resume",
+                  file=sys.stderr)
+            return 128 + err.signum
     if m.info.get("main_process") is False:
         return 0  # another process of an `accelerate launch` wrote the stage and reports it
     print(f"{s.command}: in={m.records_in} generated={m.generated} kept={m.kept} "
@@ -316,11 +357,23 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):  # one line per Prefect API call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_library_noise()  # library lines no user can act on (tasks/quiet.py)
     try:
         return args.func(args)
+    except PreflightError as err:
+        for problem in err.problems:
+            print(f"ftflow: error: {problem}", file=sys.stderr)
+        return 2
     except (ConfigError, RecordError, StageOutputError, FileNotFoundError) as err:
         print(f"ftflow: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from tasks.tracking import TrackingUnavailable
+
+        if not isinstance(err, TrackingUnavailable):
+            raise
+        print(f"ftflow: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -17,6 +17,15 @@ OFFLINE_ENV = {
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "DISABLE_MLFLOW_INTEGRATION": "TRUE",  # the flow logs to MLflow itself, not the Trainer
+    # MLflow retries a request 7 times with backoff factor 2 (and 120 s timeouts): an unreachable
+    # tracking server took ~6 minutes to fail. Each call now gives up in ~10 s; the tracker's own
+    # loop (tasks/tracking.py) rides out a longer outage and reconnects when the server is back.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    # Against a tracking server, MLflow prints two "View run/experiment at" lines each time a
+    # run ends: 22 lines per pipeline run. The run's summary prints the one URL that matters.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 

@@ -21,10 +21,14 @@ from data_contracts.manifest import Manifest
 from flows.report import LEDGER_COLUMNS, ledger_markdown, ledger_rows, publish_artifacts
 from flows.arrival import Arrivals
 from tasks.curate import mark_trained
+from tasks.interrupt import RunInterrupted, stop_on_signals
+from tasks.locks import file_lock
+from tasks.quiet import quiet_library_noise
 from tasks.stages import CURATION_END, STAGES, StageContext, StageSpec, spec, stage_task
 from tasks.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
+quiet_library_noise()  # also in a worker's flow runs, which do not go through the CLI
 
 
 @dataclass
@@ -61,14 +65,19 @@ def _run_stage(tracker: Tracker, parent: str, s: StageSpec, ctx: StageContext) -
     try:
         manifest = stage_task(s, cfg)(s, ctx)
         tracker.log_stage_result(stage_run, manifest, ctx.out)
-    except BaseException:
-        tracker.end(stage_run, "FAILED")
+    except BaseException as err:
+        tracker.end_quietly(stage_run, _end_status(err))
         raise
     tracker.end(stage_run)
     logger.info("%s: in=%d kept=%d filtered=%d dedup=%d quarantined=%d (%.1fs)", s.name,
                 manifest.records_in, manifest.kept, manifest.filtered_total,
                 manifest.deduplicated, manifest.quarantined, manifest.duration_s)
     return manifest
+
+
+def _end_status(err: BaseException) -> str:
+    """The MLflow status of a run that ends on this exception: KILLED when it was stopped."""
+    return "KILLED" if isinstance(err, (RunInterrupted, KeyboardInterrupt)) else "FAILED"
 
 
 def _flow_run_url() -> str:
@@ -110,7 +119,10 @@ def run_pipeline(cfg: PipelineConfig, run_id: str | None = None,
     run_dir = cfg.run.resolved_runs_dir() / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     uri = cfg.run.resolved_tracking_uri()
-    tracker = Tracker(uri, cfg.run.experiment, home / "mlartifacts")
+    # Two runs on a new home would both create and migrate the SQLite tracking store.
+    with file_lock(home / "locks" / "tracking.lock", "another run is opening the tracking store"):
+        tracker = Tracker(uri, cfg.run.experiment, home / "mlartifacts")
+    tracker.mark_killed_attempts(run_id)  # earlier attempts of this run that were SIGKILLed
     params = {f"run.{k}": v for k, v in flatten(cfg.run.model_dump(mode="json")).items()}
     tags = {"ftflow.run_id": run_id, "ftflow.run_dir": str(run_dir),
             "prefect.flow_run_id": str(flow_run.get_id() or ""),
@@ -118,19 +130,22 @@ def run_pipeline(cfg: PipelineConfig, run_id: str | None = None,
     parent = tracker.start_parent(f"{cfg.run.name}-{run_id}", params, tags)
     result = PipelineResult(run_id, str(run_dir), parent, uri, tracker.experiment_id)
     m = result.manifests
+    # Prefect's flow engine installs its own SIGTERM handler (raise at once, wherever): the run
+    # puts back its own, which lets training stop at a checkpoint (tasks/interrupt.py).
     try:
-        for s in STAGES:
-            inputs = tuple(run_dir / r for r in s.reads) or (cfg.ingest.inputs,)
-            ctx = StageContext(cfg, run_dir / s.name, inputs, uri, parent, incremental, run_id)
-            m[s.name] = _run_stage(tracker, parent, s, ctx)
-            if s.name == CURATION_END:
-                result.trained = bool(m[s.name].info.get("train", True))
-                result.reason = str(m[s.name].info.get("train_reason", ""))
-                if not result.trained:
-                    get_run_logger().info("curated only, not training: %s", result.reason)
-                    break
-    except BaseException:
-        tracker.end(parent, "FAILED")
+        with stop_on_signals():
+            for s in STAGES:
+                inputs = tuple(run_dir / r for r in s.reads) or (cfg.ingest.inputs,)
+                ctx = StageContext(cfg, run_dir / s.name, inputs, uri, parent, incremental, run_id)
+                m[s.name] = _run_stage(tracker, parent, s, ctx)
+                if s.name == CURATION_END:
+                    result.trained = bool(m[s.name].info.get("train", True))
+                    result.reason = str(m[s.name].info.get("train_reason", ""))
+                    if not result.trained:
+                        get_run_logger().info("curated only, not training: %s", result.reason)
+                        break
+    except BaseException as err:
+        tracker.end_quietly(parent, _end_status(err))
         raise
     curated = m[CURATION_END]
     tags = {"ftflow.trained": result.trained, "ftflow.incremental": incremental,

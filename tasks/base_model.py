@@ -100,7 +100,12 @@ def resolve_base_model(name: str, home: str | Path) -> str:
         raise ValueError(f"unknown builtin model '{name}' (known: {BUILTIN_PREFIX}{TINY_NAME})")
     path = Path(home) / "models" / TINY_NAME
     if not (path / "model.safetensors").exists():
-        build_tiny_model(path)
+        from tasks.locks import file_lock
+
+        # Two runs on a new home would both build it into the same ".building" folder.
+        with file_lock(path.with_name(TINY_NAME + ".lock"), "another run is building " + name):
+            if not (path / "model.safetensors").exists():
+                build_tiny_model(path)
     return str(path)
 
 

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
@@ -41,6 +45,82 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     return out
 
 
+# How long a tracking call keeps retrying through an outage before the run fails, and the
+# longest pause between tries. MLflow's own HTTP retries are bounded too (flows/env.py), so each
+# try gives up in seconds and this loop reconnects as soon as the server answers again.
+OUTAGE_S = float(os.environ.get("FTFLOW_TRACKING_OUTAGE_S", "300"))
+MAX_BACKOFF_S = 30.0
+# MLflow error codes that say "the server did not handle it", not "the request is wrong".
+TRANSIENT_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stayed unreachable for the whole retry window."""
+
+
+def _transient(err: BaseException) -> bool:
+    """A connection or server-side failure worth retrying (not a rejected request)."""
+    import requests
+
+    if isinstance(err, (requests.exceptions.RequestException, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(err, MlflowException):
+        return err.error_code in TRANSIENT_CODES
+    return isinstance(err, OSError)
+
+
+def retrying(call: Callable[..., Any], uri: str, what: str,
+             outage_s: float | None = None) -> Callable[..., Any]:
+    """``call`` retried with bounded exponential backoff while the tracking store is
+    unreachable; TrackingUnavailable naming the URI once ``outage_s`` has passed."""
+    window = OUTAGE_S if outage_s is None else outage_s
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        deadline, delay, tries = time.monotonic() + window, 1.0, 0
+        while True:
+            try:
+                result = call(*args, **kwargs)
+                if tries:
+                    log.warning("MLflow at %s answers again: %s went through after %d retries",
+                                uri, what, tries)
+                return result
+            except Exception as err:  # noqa: BLE001 (sorted by _transient)
+                if not _transient(err):
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TrackingUnavailable(
+                        f"MLflow tracking at {uri} unreachable for {window:.0f} s ({what}: "
+                        f"{str(err).splitlines()[0][:200]}); stage data on disk is complete, "
+                        "rerun with the same --run-id to log it") from None
+                if tries == 0:
+                    log.warning("MLflow at %s does not answer (%s); retrying for up to %.0f s",
+                                uri, what, window)
+                tries += 1
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, MAX_BACKOFF_S)
+
+    return wrapper
+
+
+class RetryingClient:
+    """An MlflowClient whose every call rides out a tracking outage (see retrying)."""
+
+    def __init__(self, client: MlflowClient, outage_s: float | None = None) -> None:
+        self._client, self._outage_s = client, outage_s
+        self.tracking_uri = client.tracking_uri
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        return retrying(attr, self.tracking_uri, name, self._outage_s)
+
+    def once(self) -> MlflowClient:
+        """The plain client: one try, for best-effort calls on the way out."""
+        return self._client
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None = None) -> str:
     """The experiment's id, creating it; a local store keeps artifacts under artifact_root."""
     exp = client.get_experiment_by_name(name)
@@ -48,21 +128,53 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | Non
         return exp.experiment_id
     local = not client.tracking_uri.startswith(("http://", "https://", "databricks"))
     location = (artifact_root / name).absolute().as_uri() if (local and artifact_root) else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another run created it
 
 
 class Tracker:
     """Logs one pipeline run into an MLflow experiment."""
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None = None) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path | None = None,
+                 outage_s: float | None = None) -> None:
         self.uri = tracking_uri
-        self.client = MlflowClient(tracking_uri)
+        self.client: Any = RetryingClient(MlflowClient(tracking_uri), outage_s)
         self.experiment_id = ensure_experiment(self.client, experiment, artifact_root)
 
     def start_parent(self, name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+        """The parent run of a pipeline run; tagged with this process, so that a later attempt
+        can tell a killed attempt (its process gone) from a running one."""
+        tags = {**tags, "ftflow.host": socket.gethostname(), "ftflow.pid": str(os.getpid())}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         self._log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def mark_killed_attempts(self, run_id: str) -> list[str]:
+        """Earlier attempts of this ftflow run id whose process died without ending their MLflow
+        runs (SIGKILL, a lost machine): set them and their stage runs KILLED. Returns their ids."""
+        found = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`ftflow.run_id` = '{run_id}' and "
+            "attributes.status = 'RUNNING'")
+        killed: list[str] = []
+        for parent in found:
+            tags = parent.data.tags
+            pid = tags.get("ftflow.pid")
+            if tags.get("ftflow.host") == socket.gethostname() and pid and _alive(int(pid)):
+                continue  # a live attempt (or a process that reused the pid): leave it
+            children = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = "
+                f"'{parent.info.run_id}' and attributes.status = 'RUNNING'")
+            for run in [*children, parent]:
+                self.client.set_terminated(run.info.run_id, status="KILLED")
+                killed.append(run.info.run_id)
+        if killed:
+            log.info("marked %d MLflow runs of killed attempts of run %s KILLED", len(killed),
+                     run_id)
+        return killed
 
     def start_stage(self, parent_id: str, stage: str, params: dict[str, str]) -> str:
         tags = {MLFLOW_PARENT_RUN_ID: parent_id, MLFLOW_RUN_NAME: stage, "ftflow.stage": stage}
@@ -113,6 +225,14 @@ class Tracker:
     def end(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def end_quietly(self, run_id: str, status: str) -> None:
+        """End a run on the way out of a failure: one try, never masking the failure itself."""
+        try:
+            self.client.once().set_terminated(run_id, status=status)
+        except Exception as err:  # noqa: BLE001 (the original error is what matters)
+            log.warning("could not mark MLflow run %s %s at %s: %s", run_id, status, self.uri,
+                        str(err).splitlines()[0][:200] if str(err) else type(err).__name__)
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -145,6 +265,16 @@ class Tracker:
         if inputs:
             self.client.log_inputs(run_id, datasets=inputs)
         return len(inputs)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:

@@ -31,6 +31,7 @@ from tasks.train_model import (
     optimizer_name,
     process_state,
 )
+from tasks.interrupt import safe_points
 from tasks.train_steps import cpu_logprob_tiles, early_stopping, training_callbacks
 
 log = logging.getLogger(__name__)
@@ -291,7 +292,10 @@ class TrainRun:
         trainable, total = trainer.model.get_nb_trainable_parameters()
         linear4bit = count_linear4bit(trainer.model)
         with cpu_logprob_tiles(logprob_tiles):
-            result = trainer.train(resume_from_checkpoint=self.resume_from)
+            # SIGTERM/SIGINT: the callback saves a checkpoint and ends training, then this raises
+            # before anything of the stage's output is written (tasks/interrupt.py).
+            with safe_points():
+                result = trainer.train(resume_from_checkpoint=self.resume_from)
             best_step = self._final_evaluation(has_eval)
         history = trainer.state.log_history
         tokens_seen = float(getattr(trainer, "_total_train_tokens", 0) or self.stats.counted)

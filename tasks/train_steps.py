@@ -162,6 +162,24 @@ def step_stats_callback(cuda: bool) -> Any:
     return StepStats()
 
 
+def stop_on_request_callback() -> Any:
+    """A callback that ends training at the next step boundary once a stop was asked for
+    (SIGTERM/SIGINT, tasks/interrupt.py), saving a checkpoint first: a rerun resumes there."""
+    from transformers import TrainerCallback
+
+    from tasks.interrupt import stop_requested
+
+    class StopOnRequest(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if stop_requested():
+                log.warning("stopping training at step %d: saving a checkpoint first",
+                            state.global_step)
+                control.should_save = True
+                control.should_training_stop = True
+
+    return StopOnRequest()
+
+
 def early_stopping(cfg: TrainConfig, has_eval: bool) -> bool:
     if cfg.early_stopping_patience and not has_eval:
         log.warning("early stopping needs held-out records to evaluate on; it is off")
@@ -173,7 +191,7 @@ def training_callbacks(cfg: TrainConfig, has_eval: bool,
     """The start-step probe, per-step stats and (when configured) early stopping: (probe,
     stats, all callbacks, whether early stopping is on)."""
     start, stats = _start_step_probe(), step_stats_callback(cuda)
-    every: list[Any] = [start, stats, trainer_progress()]
+    every: list[Any] = [start, stats, trainer_progress(), stop_on_request_callback()]
     early = early_stopping(cfg, has_eval)
     if early:
         from transformers import EarlyStoppingCallback
