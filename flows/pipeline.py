@@ -144,7 +144,8 @@ def run_pipeline(cfg: PipelineConfig, run_id: str | None = None,
                              {"train": "training", "heldout": "heldout"})
         tags.update({"ftflow.gate_passed": ev.info.get("gate_passed"),
                      "ftflow.model_uri": ex.info.get("model_uri", ""),
-                     "ftflow.registered_version": ex.info.get("version") or ""})
+                     "ftflow.registered_version": ex.info.get("version") or "",
+                     **ev.info.get("mlflow_tags", {})})
         mark_trained(home, cfg.curate.dataset or cfg.run.name, int(curated.info["version"]))
     else:
         tracker.log_datasets(parent, run_dir / CURATION_END, {"train": "curated",
