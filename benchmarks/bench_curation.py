@@ -65,6 +65,12 @@ def decontaminated(records: list[Any], heldout: list[Any], threshold: float = 0.
     return keep
 
 
+def _env_prefix() -> str:
+    """The pretraining budget override, when the run used one (it names another base)."""
+    steps = os.environ.get("FTFLOW_TINY_PRETRAIN_STEPS")
+    return f"FTFLOW_TINY_PRETRAIN_STEPS={steps} " if steps else ""
+
+
 def mean_tokens(records: list[Any], tokenizer: Any, max_length: int) -> float:
     lengths = []
     for rec in records:
@@ -82,6 +88,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ftflow-bench-curation"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "curation.md")
+    ap.add_argument("--home", type=Path, help="ftflow home holding the pretrained base (default: "
+                                              "WORKDIR/home; built there when missing)")
     args = ap.parse_args()
 
     import torch
@@ -103,7 +111,7 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    home = work / "home"
+    home = args.home or work / "home"
     corpus = write_corpus(work / f"corpus-{args.records}-{args.seed}.jsonl", args.records,
                           args.seed)
     base = resolve_base_model("builtin:tiny-llama", home)
@@ -159,7 +167,8 @@ def main() -> None:
             ("ftflow_general_prose.word_perplexity", "held-out prose (forgetting), word ppl")]
     lines = [
         "# Curation pays? Raw vs curated training data, same base and token budget", "",
-        f"Command: `nice .venv/bin/python benchmarks/bench_curation.py --records {args.records} "
+        f"Command: `{_env_prefix()}nice .venv/bin/python benchmarks/bench_curation.py "
+        f"--records {args.records} "
         f"--tokens {args.tokens} --seed {args.seed}`  ",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{platform.node()}, {os.cpu_count()} cores (shared), {time.time() - t0:.0f} s in all.",

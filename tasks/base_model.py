@@ -43,7 +43,7 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 # pretrained base, cached under another digest).
 RECIPE: dict[str, Any] = {
     "version": 1, "vocab_size": 4096, "hidden": 256, "layers": 4, "heads": 4,
-    "seq_len": 128, "batch_size": 8, "steps": 200, "lr": 3e-3, "warmup_steps": 20,
+    "seq_len": 128, "batch_size": 8, "steps": 160, "lr": 3e-3, "warmup_steps": 20,
     "weight_decay": 0.1, "seed": 0, "heldout_every": 20,
 }
 STEPS_ENV = "FTFLOW_TINY_PRETRAIN_STEPS"

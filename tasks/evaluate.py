@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 PPL_TASK = "ftflow_heldout_ppl"
 MC_TASK = "ftflow_heldout_mc"
 PROSE_TASK = "ftflow_general_prose"
-PROSE_METRIC = "word_perplexity"
+PROSE_METRIC = "bits_per_byte"  # log scale: word perplexity magnifies small shifts
 HF_CACHE = ".hf-datasets-cache"
 # The metric a general lm-eval task is judged on when the config names only the task.
 PRIMARY_METRICS = ("acc_norm", "acc", "exact_match", "f1", "word_perplexity", "bits_per_byte")
@@ -180,14 +180,43 @@ def evaluate_model(model: str, tasks: list[str], manager: Any, cfg: EvaluateConf
     out = simple_evaluate(
         model="hf", model_args={"pretrained": model, "trust_remote_code": False},
         tasks=tasks, task_manager=manager, batch_size=cfg.batch_size, device=_device(cfg.device),
-        log_samples=False, bootstrap_iters=100, random_seed=cfg.seed, limit=cfg.lm_eval_limit,
+        log_samples=True, bootstrap_iters=100, random_seed=cfg.seed, limit=cfg.lm_eval_limit,
         numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
     )
     results: Scores = {}
     for name, values in (out or {}).get("results", {}).items():
         results[name] = {key.split(",")[0]: float(v) for key, v in values.items()
                          if "," in key and isinstance(v, (int, float))}
+        # lm-eval gives no stderr for perplexities and bits per byte: bootstrap them here.
+        for metric in list(results[name]):
+            if metric in WEIGHTED and f"{metric}_stderr" not in results[name]:
+                err = bootstrap_stderr((out or {}).get("samples", {}).get(name, []), metric,
+                                       cfg.seed)
+                if err is not None:
+                    results[name][f"{metric}_stderr"] = err
     return results
+
+
+# Corpus-level metrics lm-eval aggregates from per-document (loglikelihood, words or bytes).
+WEIGHTED = {"word_perplexity": lambda m: math.exp(-m), "byte_perplexity": lambda m: math.exp(-m),
+            "bits_per_byte": lambda m: -m / math.log(2)}
+
+
+def bootstrap_stderr(samples: list[dict[str, Any]], metric: str, seed: int,
+                     iters: int = 200) -> float | None:
+    """Standard error of a corpus-level metric: its spread over documents resampled with
+    replacement (seeded)."""
+    pairs = [tuple(s[metric]) for s in samples
+             if isinstance(s.get(metric), (list, tuple)) and len(s[metric]) == 2]
+    if len(pairs) < 2:
+        return None
+    rng, n, finish = random.Random(seed), len(pairs), WEIGHTED[metric]
+    values = []
+    for _ in range(iters):
+        draw = [pairs[rng.randrange(n)] for _ in range(n)]
+        values.append(finish(sum(p[0] for p in draw) / max(sum(p[1] for p in draw), 1)))
+    mean = sum(values) / iters
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (iters - 1))
 
 
 def _device(name: str) -> str:
