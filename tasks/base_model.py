@@ -255,10 +255,22 @@ def build_tiny_model(out_dir: str | Path, rec: dict[str, Any] | None = None) -> 
     """Train the tokenizer and pretrain the tiny Llama on the corpus; save with safetensors.
     Written to ``<out>.building`` and renamed: a half-built model never looks complete."""
     import torch
-    from transformers import LlamaForCausalLM
 
     rec = rec or recipe()
-    out = Path(out_dir)
+    threads = torch.get_num_threads()
+    # A ~5 M parameter model gains little from threads, and on a shared machine OpenMP's
+    # spin-waits made two threads several times slower than one (BENCHMARKS.md).
+    torch.set_num_threads(1)
+    try:
+        return _build(Path(out_dir), rec)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(out: Path, rec: dict[str, Any]) -> Path:
+    import torch
+    from transformers import LlamaForCausalLM
+
     tmp = out.with_name(out.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from model_fixtures import build_train_dir, one_torch_thread, support_chats, write_stage_dir
+from model_fixtures import support_chats, write_stage_dir
 
 from data_contracts.config import EvaluateConfig, PipelineConfig, TeacherConfig
 from data_contracts.manifest import Manifest
@@ -125,13 +126,30 @@ def test_reports_and_task_files(evaluated: tuple[Path, Manifest], data_dir: Path
 
 
 @pytest.fixture(scope="module")
-def degraded_train_dir(home: Path) -> Path:
-    """The real train stage on shuffled replies at a destructive learning rate."""
-    with one_torch_thread():
-        return build_train_dir(home / "train-degraded", home, steps=60, lr=1e-2, degraded=True)
+def degraded_train_dir(tmp_path_factory: pytest.TempPathFactory, train_dir: Path) -> Path:
+    """The tuned model with its weights damaged (seeded noise at half of each matrix's spread),
+    as a broken merge or quantization would leave it; a train manifest that points to it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("degraded")
+    info = {**Manifest.read(train_dir).info}
+    model = AutoModelForCausalLM.from_pretrained(info["merged_dir"])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2 and "embed" not in name:
+                weight.add_(torch.randn(weight.shape, generator=gen) * 0.5 * weight.std())
+    model.save_pretrained(root / "merged")
+    for tokenizer_file in Path(info["merged_dir"]).glob("*"):
+        if tokenizer_file.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(tokenizer_file, root / "merged")
+    info["merged_dir"] = str(root / "merged")
+    Manifest(stage="train", info=info).write(root)
+    return root
 
 
-def test_gate_fails_on_regression_for_a_model_trained_on_shuffled_replies(
+def test_gate_fails_on_regression_for_a_damaged_model(
         tmp_path: Path, data_dir: Path, degraded_train_dir: Path, home: Path) -> None:
     cfg = EvaluateConfig(max_samples=10, num_choices=3, general_prose=24)  # the default bounds
     m = run_evaluate(data_dir, degraded_train_dir, tmp_path / "out", cfg, home=home)
@@ -198,6 +216,7 @@ def test_old_gate_keys_still_load() -> None:
         EvaluateConfig(targets=["nope.acc"])
 
 
+@pytest.mark.slow
 def test_lm_eval_tasks_run_when_offline_and_are_skipped_with_the_reason_otherwise(
         tmp_path: Path, data_dir: Path, train_dir: Path, home: Path) -> None:
     """A task of the user's own include path runs as a general task; a hub task whose data is
@@ -305,6 +324,7 @@ def test_llm_judge_win_rate_from_a_local_endpoint(tmp_path: Path, data_dir: Path
             assert "sk-test-secret-123" not in path.read_text(errors="replace")
 
 
+@pytest.mark.slow
 def test_stage_command_runs_evaluate_alone_on_a_train_dir(tmp_path: Path, train_dir: Path,
                                                           home: Path) -> None:
     """`ftflow stage evaluate --input TRAIN_DIR --output DIR`: the train stage directory holds
