@@ -96,14 +96,13 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from benchmarks.bench_scale import write_corpus
-    from benchmarks.common import bare_pass
     from data_contracts.config import (DedupConfig, EvaluateConfig, IngestConfig, PiiConfig,
                                        TrainConfig)
     from tasks.base_model import resolve_base_model
     from tasks.dedup import run_dedup
     from tasks.evaluate import PPL_TASK, run_evaluate
     from tasks.ingest import run_ingest
-    from tasks.io import read_records
+    from tasks.io import Quarantined, iter_input, read_records
     from tasks.pii import run_pii
     from tasks.stage_dir import StageWriter
     from tasks.train import run_train
@@ -128,10 +127,8 @@ def main() -> None:
     curated_train = decontaminated(list(read_records(cur / "03-dedup", "train")), heldout)
 
     # raw: every parseable record, same decontamination against the same held-out split
-    raw_dir = work / "raw-bare"
-    shutil.rmtree(raw_dir, ignore_errors=True)
-    bare_pass(corpus, raw_dir)
-    raw_train = decontaminated(list(read_records(raw_dir)), heldout)
+    raw = [rec for rec in iter_input(str(corpus)) if not isinstance(rec, Quarantined)]
+    raw_train = decontaminated(raw, heldout)
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     sides: dict[str, dict[str, Any]] = {}

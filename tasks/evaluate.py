@@ -369,7 +369,10 @@ def run_evaluate(data_dir: str | Path, train_dir: str | Path, out_dir: str | Pat
     """Benchmark the base and the tuned model; decide the release gate."""
     from transformers import AutoTokenizer
 
-    stage = StageDir(out_dir, "evaluate", cfg.digest(), data_dir, train_dir)
+    # The judge's endpoint may come from augment.teacher: part of what this stage depends on.
+    digest = cfg.digest() + (f"+{judge_teacher.digest()}" if cfg.judge.enabled and
+                             judge_teacher is not None and cfg.judge.teacher is None else "")
+    stage = StageDir(out_dir, "evaluate", digest, data_dir, train_dir)
     if (done := stage.finished()) is not None:
         return done
     out = Path(out_dir)

@@ -127,7 +127,7 @@ def test_reports_and_task_files(evaluated: tuple[Path, Manifest], data_dir: Path
 
 @pytest.fixture(scope="module")
 def degraded_train_dir(tmp_path_factory: pytest.TempPathFactory, train_dir: Path) -> Path:
-    """The tuned model with its weights damaged (seeded noise at half of each matrix's spread),
+    """The tuned model with its weights damaged (seeded noise at 3x each matrix's spread),
     as a broken merge or quantization would leave it; a train manifest that points to it."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -139,7 +139,7 @@ def degraded_train_dir(tmp_path_factory: pytest.TempPathFactory, train_dir: Path
     with torch.no_grad():
         for name, weight in model.named_parameters():
             if weight.dim() == 2 and "embed" not in name:
-                weight.add_(torch.randn(weight.shape, generator=gen) * 0.5 * weight.std())
+                weight.add_(torch.randn(weight.shape, generator=gen) * 3.0 * weight.std())
     model.save_pretrained(root / "merged")
     for tokenizer_file in Path(info["merged_dir"]).glob("*"):
         if tokenizer_file.name.startswith(("tokenizer", "chat_template", "special_tokens")):
