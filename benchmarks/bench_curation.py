@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=3000)
     ap.add_argument("--tokens", type=int, default=200_000, help="training token budget per side")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--eval-samples", type=int, default=200, help="held-out records scored")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ftflow-bench-curation"))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "curation.md")
     ap.add_argument("--home", type=Path, help="ftflow home holding the pretrained base (default: "
@@ -151,7 +152,7 @@ def main() -> None:
         tm = run_train(data, work / f"{name}-train", cfg, home=home, seed=0)
         train_s = time.time() - started
         em = run_evaluate(data, work / f"{name}-train", work / f"{name}-eval",
-                          EvaluateConfig(max_samples=200, general_prose=64), home=home)
+                          EvaluateConfig(max_samples=args.eval_samples, general_prose=64), home=home)
         sides[name] = {"records": len(records), "tokens_per_record": per_record, "steps": steps,
                        "train_tokens": tm.metrics.get("train_tokens"), "train_s": train_s,
                        "train_kept": tm.kept, "metrics": em.metrics, "gate": em.info["gate"]}
@@ -165,7 +166,7 @@ def main() -> None:
     lines = [
         "# Curation pays? Raw vs curated training data, same base and token budget", "",
         f"Command: `{_env_prefix()}nice .venv/bin/python benchmarks/bench_curation.py "
-        f"--records {args.records} "
+        f"--records {args.records} --eval-samples {args.eval_samples} "
         f"--tokens {args.tokens} --seed {args.seed}`  ",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{platform.node()}, {os.cpu_count()} cores (shared), {time.time() - t0:.0f} s in all.",
