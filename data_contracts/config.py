@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 
 # Upper bounds no real run wants to pass (a typo such as batch_size=1000000000 or epochs=1e12
@@ -335,21 +336,72 @@ EVAL_METRICS = (
 )
 
 
+class JudgeConfig(_Section):
+    """LLM-as-judge: base and tuned reply to held-out prompts, the teacher endpoint picks the
+    better reply (each pair twice, A/B swapped); the tuned model's win rate is reported."""
+
+    enabled: bool = False
+    max_prompts: int = Field(16, gt=0)
+    max_new_tokens: int = Field(48, gt=0)  # reply length of base and tuned
+    teacher: TeacherConfig | None = None  # an OpenAI-compatible endpoint; None: augment.teacher
+    min_win_rate: float | None = Field(None, ge=0.0, le=1.0)  # also gate on it when set
+    timeout_s: float = Field(60.0, gt=0)
+
+
+# Renamed keys of the evaluate section: old configs keep working.
+EVALUATE_RENAMED = {"gate_metric": "targets", "gate_min_improvement": "min_gain"}
+
+
 class EvaluateConfig(_Section):
     max_samples: int = Field(100, gt=0, le=MAX_RECORDS)
     num_choices: int = Field(4, ge=2, le=26)
     batch_size: int = Field(8, gt=0, le=MAX_BATCH)
-    seed: int = 0  # picks the multiple-choice distractors
+    seed: int = 0  # picks the multiple-choice distractors and the general passages
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    gate_metric: str = "ftflow_heldout_ppl.word_perplexity"  # one of EVAL_METRICS
-    gate_min_improvement: float = 0.0  # relative: 0.05 = tuned must beat base by 5%
+    # The gate: every target metric gains at least min_gain (relative: 0.05 = 5% better than
+    # base) and every general task loses at most max_regression (relative) on its metric.
+    targets: list[str] = Field(default_factory=lambda: ["ftflow_heldout_ppl.word_perplexity"])
+    min_gain: float = 0.0
+    max_regression: float = Field(0.10, ge=0.0)
+    # General tasks (the forgetting check): held-out passages of the builtin base's pretraining
+    # prose (0 = none; judged on bits per byte), and lm-eval task names ("task" or
+    # "task.metric"; a bare task on acc_norm, acc, exact_match, ...), each run only when
+    # its data is available offline, else skipped with the reason.
+    general_prose: int = Field(64, ge=0)
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+    lm_eval_include_path: str = ""  # a folder of your own lm-eval task YAMLs
+    lm_eval_limit: int | None = Field(None, gt=0)  # at most this many documents per task
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
-    @field_validator("gate_metric")
+    @model_validator(mode="before")
     @classmethod
-    def _known_metric(cls, v: str) -> str:
-        if v not in EVAL_METRICS:
-            raise ValueError(f"must be one of {', '.join(EVAL_METRICS)}")
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in EVALUATE_RENAMED):
+            data = dict(data)
+            for old, new in EVALUATE_RENAMED.items():
+                if old not in data:
+                    continue
+                if new in data:
+                    raise ValueError(f"evaluate.{old} was renamed evaluate.{new}: give only "
+                                     f"evaluate.{new}")
+                value = data.pop(old)
+                data[new] = [value] if new == "targets" else value
+        return data
+
+    @field_validator("targets")
+    @classmethod
+    def _known_metric(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one target metric")
+        for metric in v:
+            if metric not in EVAL_METRICS:
+                raise ValueError(f"{metric!r}: must be one of {', '.join(EVAL_METRICS)}")
         return v
+
+    @property
+    def gate_metric(self) -> str:
+        """The first target: the score export compares with the champion's."""
+        return self.targets[0]
 
 
 class ExportConfig(_Section):

@@ -92,7 +92,9 @@ def cmd_stage(args: argparse.Namespace) -> int:
     for read in s.reads[1:]:
         option = STAGE_DIR_OPTIONS[spec(read).command]
         sibling = Path(args.input).parent / spec(read).name  # the run folder's own stage dir
-        if not getattr(args, option) and (sibling / "manifest.json").exists():
+        if not getattr(args, option) and _is_stage(args.input, spec(read).command):
+            setattr(args, option, args.input)  # a train dir holds the held-out split too
+        elif not getattr(args, option) and (sibling / "manifest.json").exists():
             setattr(args, option, str(sibling))
         if not getattr(args, option):
             raise ConfigError(f"{s.command} needs --{option.replace('_', '-')} (a "
@@ -112,7 +114,16 @@ def cmd_stage(args: argparse.Namespace) -> int:
     print(f"{s.command}: in={m.records_in} generated={m.generated} kept={m.kept} "
           f"filtered={m.filtered_total} {m.filtered or ''} deduplicated={m.deduplicated} "
           f"quarantined={m.quarantined} -> {out}")
+    if "gate" in m.info:
+        print(m.info["gate"])
     return 0
+
+
+def _is_stage(path: str, command: str) -> bool:
+    """Is path a finished stage directory written by this command?"""
+    from data_contracts.manifest import MANIFEST_NAME, Manifest
+
+    return (Path(path) / MANIFEST_NAME).is_file() and Manifest.read(path).stage == command
 
 
 def _home(args: argparse.Namespace) -> Path:

@@ -154,12 +154,14 @@ def run_pipeline(cfg: PipelineConfig, run_id: str | None = None,
     if result.trained:
         ev, ex = result.evaluation, result.export
         tracker.log_metrics(parent, {k: v for k, v in ev.metrics.items()
-                                     if k.startswith(("base.", "tuned."))})
+                                     if k.startswith(("base.", "tuned.", "stderr.", "gate.",
+                                                      "judge."))})
         tracker.log_datasets(parent, run_dir / spec("train").reads[0],
                              {"train": "training", "heldout": "heldout"})
         tags.update({"ftflow.gate_passed": ev.info.get("gate_passed"),
                      "ftflow.model_uri": ex.info.get("model_uri", ""),
-                     "ftflow.registered_version": ex.info.get("version") or ""})
+                     "ftflow.registered_version": ex.info.get("version") or "",
+                     **ev.info.get("mlflow_tags", {})})
         mark_trained(home, cfg.curate.dataset or cfg.run.name, int(curated.info["version"]))
     else:
         tracker.log_datasets(parent, run_dir / CURATION_END, {"train": "curated",

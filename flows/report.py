@@ -26,6 +26,44 @@ def comparison_rows(metrics: dict[str, float]) -> list[tuple[str, float, float]]
     return rows
 
 
+def gate_rows(metrics: dict[str, float]) -> list[tuple[str, str, float]]:
+    """(role, task.metric, relative change) of every metric the gate checked, targets first."""
+    rows = []
+    for key, change in metrics.items():
+        if key.startswith("gate.") and key.endswith(".change"):
+            role, name = key[len("gate."):-len(".change")].split(".", 1)
+            rows.append((role, name, change))
+    return sorted(rows, key=lambda r: (r[0] != "target", r[1]))
+
+
+def _with_stderr(metrics: dict[str, float], label: str, name: str) -> str:
+    value, err = metrics.get(f"{label}.{name}"), metrics.get(f"stderr.{label}.{name}")
+    if value is None:
+        return "-"
+    return f"{value:.4g}" + (f" ±{err:.2g}" if err is not None else "")
+
+
+def benchmark_table(metrics: dict[str, float], train_metrics: dict[str, float]) -> Table:
+    """Base vs tuned: the gate's target and general metrics (with stderr and the relative
+    change, + = better), then every other score."""
+    cmp = Table(title="base vs fine-tuned (target: held-out chats; general: held-out prose and "
+                      "lm-eval tasks)")
+    for col in ("gate", "task.metric", "base", "tuned", "change"):
+        cmp.add_column(col, justify="left" if col in ("gate", "task.metric") else "right")
+    checked = set()
+    for role, name, change in gate_rows(metrics):
+        checked.add(name)
+        cmp.add_row(role, name, _with_stderr(metrics, "base", name),
+                    _with_stderr(metrics, "tuned", name), f"{change:+.1%}")
+    for name, base, tuned in comparison_rows(metrics):
+        if name not in checked:
+            cmp.add_row("", name, f"{base:.4g}", f"{tuned:.4g}", "")
+    if "eval_loss" in train_metrics:
+        cmp.add_row("", "validation loss (train stage, tuned)", "",
+                    f"{train_metrics['eval_loss']:.4f}", "")
+    return cmp
+
+
 def print_summary(out: dict[str, Any], cfg: PipelineConfig, console: Console | None = None) -> None:
     console = console or Console(width=max(Console().width, 110))
     ledger = out["ledger"]
@@ -43,16 +81,9 @@ def print_summary(out: dict[str, Any], cfg: PipelineConfig, console: Console | N
         console.print(f"curated only, not trained: {out.get('reason', '')}")
         return
     ev = ledger.get(spec("evaluate").name, {})
-    cmp = Table(title="held-out benchmark: base vs fine-tuned")
-    for col in ("task.metric", "base", "tuned"):
-        cmp.add_column(col, justify="left" if col == "task.metric" else "right")
-    for name, base, tuned in comparison_rows(ev.get("metrics", {})):
-        cmp.add_row(name, f"{base:.4f}", f"{tuned:.4f}")
-    tr = ledger.get(spec("train").name, {}).get("metrics", {})
-    if "eval_loss" in tr:
-        cmp.add_row("validation loss (train stage, tuned)", "", f"{tr['eval_loss']:.4f}")
-    console.print(cmp)
-    console.print(f"gate: {ev.get('info', {}).get('gate', '-')}")
+    console.print(benchmark_table(ev.get("metrics", {}),
+                                  ledger.get(spec("train").name, {}).get("metrics", {})))
+    console.print(f"gate: {ev.get('info', {}).get('gate', '-')}", soft_wrap=True)
 
     ex = ledger.get(spec("export").name, {}).get("info", {})
     uri = out["tracking_uri"]

@@ -1,10 +1,13 @@
-"""Stage 6: benchmark base vs tuned on the held-out split with lm-eval, and gate promotion.
+"""Stage 6: benchmark base vs tuned with lm-eval, and decide the release gate.
 
-Two lm-eval tasks are built from the held-out records, rendered with the tuned model's chat
-template: ``ftflow_heldout_ppl`` (``loglikelihood_rolling`` over whole conversations:
-word/byte perplexity, bits per byte) and ``ftflow_heldout_mc`` (``multiple_choice``: the true
-final reply among distractor replies of other held-out records: acc, acc_norm). Both models
-run through lm-eval's own ``hf`` model in this stage; the gate compares one metric.
+Tasks built here: ``ftflow_heldout_ppl`` (``loglikelihood_rolling`` over whole held-out
+conversations: word/byte perplexity, bits per byte) and ``ftflow_heldout_mc``
+(``multiple_choice``: the true final reply among distractors) are the *target* tasks;
+``ftflow_general_prose`` (held-out passages of the builtin base's pretraining prose) and any
+lm-eval tasks the config names (when their data is available offline) are the *general* tasks.
+The gate passes when every target metric gains at least ``min_gain`` and no general task loses
+more than ``max_regression`` (both relative). An optional LLM judge compares replies
+(``tasks/judge.py``). Both models run through lm-eval's own ``hf`` model.
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ import logging
 import math
 import random
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from data_contracts.config import EvaluateConfig
+from data_contracts.config import EvaluateConfig, TeacherConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
 from data_contracts.stage_outputs import EvaluateOutput, TrainOutput, read_output
+from tasks.base_model import general_heldout_texts
 from tasks.io import read_records
 from tasks.stage_dir import StageDir, write_atomic
 
@@ -30,7 +35,13 @@ log = logging.getLogger(__name__)
 
 PPL_TASK = "ftflow_heldout_ppl"
 MC_TASK = "ftflow_heldout_mc"
+PROSE_TASK = "ftflow_general_prose"
+PROSE_METRIC = "bits_per_byte"  # log scale: word perplexity magnifies small shifts
 HF_CACHE = ".hf-datasets-cache"
+# The metric a general lm-eval task is judged on when the config names only the task.
+PRIMARY_METRICS = ("acc_norm", "acc", "exact_match", "f1", "word_perplexity", "bits_per_byte")
+
+Scores = dict[str, dict[str, float]]  # {task: {metric: value, "metric_stderr": value}}
 
 
 def lower_is_better(metric: str) -> bool:
@@ -40,6 +51,11 @@ def lower_is_better(metric: str) -> bool:
 
 def _metric_entry(name: str, aggregation: str) -> dict[str, Any]:
     return {"metric": name, "aggregation": aggregation, "higher_is_better": not lower_is_better(name)}
+
+
+PPL_METRICS = [_metric_entry("word_perplexity", "weighted_perplexity"),
+               _metric_entry("byte_perplexity", "weighted_perplexity"),
+               _metric_entry("bits_per_byte", "bits_per_byte")]
 
 
 def _task_yaml(name: str, data_file: Path, cache_dir: Path, **fields: Any) -> dict[str, Any]:
@@ -90,22 +106,23 @@ def write_tasks(records: list[ChatSample], tokenizer: Any, tasks_dir: Path,
     ppl_rows = [{"id": r.id, "text": _render(tokenizer, [m.model_dump() for m in r.conversation()])
                  if r.messages else (r.text or "")} for r in records]
     mc_rows = mc_items(records, tokenizer, cfg.num_choices, cfg.seed)
+    prose_rows = general_heldout_texts(cfg.general_prose, cfg.seed) if cfg.general_prose else []
+    rolling = {"output_type": "loglikelihood_rolling", "doc_to_text": "",
+               "doc_to_target": "text", "metric_list": PPL_METRICS}
     specs = {
-        PPL_TASK: (ppl_rows, {
-            "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "text",
-            "metric_list": [_metric_entry("word_perplexity", "weighted_perplexity"),
-                            _metric_entry("byte_perplexity", "weighted_perplexity"),
-                            _metric_entry("bits_per_byte", "bits_per_byte")]}),
+        PPL_TASK: (ppl_rows, rolling),
         MC_TASK: (mc_rows, {
             # The context ends with the generation prompt, so the reply follows directly.
             "output_type": "multiple_choice", "doc_to_text": "context",
             "doc_to_choice": "choices", "doc_to_target": "label", "target_delimiter": "",
             "metric_list": [_metric_entry("acc", "mean"), _metric_entry("acc_norm", "mean")]}),
+        PROSE_TASK: (prose_rows, rolling),
     }
     names = []
     for name, (rows, fields) in specs.items():
         if not rows:
-            log.warning("%s: no usable held-out records, task skipped", name)
+            if name != PROSE_TASK or cfg.general_prose:
+                log.warning("%s: no usable records, task skipped", name)
             continue
         data_file = tasks_dir / f"{name}.jsonl"
         data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -115,24 +132,91 @@ def write_tasks(records: list[ChatSample], tokenizer: Any, tasks_dir: Path,
     return names
 
 
-def evaluate_model(model: str, tasks: list[str], tasks_dir: Path,
-                   cfg: EvaluateConfig) -> dict[str, dict[str, float]]:
-    """lm-eval on one model: {task: {metric: value}} without stderr and filter suffixes."""
-    from lm_eval import simple_evaluate
+def _task_manager(tasks_dir: Path, cfg: EvaluateConfig) -> Any:
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    paths = [str(tasks_dir)] + ([cfg.lm_eval_include_path] if cfg.lm_eval_include_path else [])
+    return TaskManager(include_path=paths, include_defaults=bool(cfg.lm_eval_tasks))
+
+
+def _offline() -> bool:
+    import datasets.config
+    import huggingface_hub.constants
+
+    return bool(datasets.config.HF_DATASETS_OFFLINE or huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def available_lm_eval_tasks(names: list[str], manager: Any) -> tuple[list[str], dict[str, str]]:
+    """The named lm-eval tasks whose data loads offline, and {task: why skipped} for the rest.
+
+    Loading a task loads its dataset; in offline mode a dataset that is not in the local
+    cache fails at once instead of downloading. Out of offline mode nothing is tried: ftflow
+    never downloads a dataset at run time.
+    """
+    ok, skipped = [], {}
+    for entry in names:
+        task = entry.split(".", 1)[0]
+        if task not in manager.all_tasks:
+            skipped[entry] = "not an lm-eval task name (nor in evaluate.lm_eval_include_path)"
+            continue
+        if not _offline():
+            skipped[entry] = ("not in offline mode (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE unset): "
+                              "ftflow never downloads datasets")
+            continue
+        try:
+            manager.load_task_or_group([task])
+        except Exception as err:  # noqa: BLE001 - any failure to load means: not available
+            skipped[entry] = (f"its data is not available offline "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+            continue
+        ok.append(entry)
+    return ok, skipped
+
+
+def evaluate_model(model: str, tasks: list[str], manager: Any, cfg: EvaluateConfig) -> Scores:
+    """lm-eval on one model: {task: {metric: value, metric_stderr: value}}, filters dropped."""
+    from lm_eval import simple_evaluate
+
     out = simple_evaluate(
         model="hf", model_args={"pretrained": model, "trust_remote_code": False},
         tasks=tasks, task_manager=manager, batch_size=cfg.batch_size, device=_device(cfg.device),
-        log_samples=False, bootstrap_iters=0, random_seed=cfg.seed,
+        log_samples=True, bootstrap_iters=100, random_seed=cfg.seed, limit=cfg.lm_eval_limit,
         numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
     )
-    results: dict[str, dict[str, float]] = {}
+    results: Scores = {}
     for name, values in (out or {}).get("results", {}).items():
         results[name] = {key.split(",")[0]: float(v) for key, v in values.items()
-                         if "," in key and "_stderr" not in key and isinstance(v, (int, float))}
+                         if "," in key and isinstance(v, (int, float))}
+        # lm-eval gives no stderr for perplexities and bits per byte: bootstrap them here.
+        for metric in list(results[name]):
+            if metric in WEIGHTED and f"{metric}_stderr" not in results[name]:
+                err = bootstrap_stderr((out or {}).get("samples", {}).get(name, []), metric,
+                                       cfg.seed)
+                if err is not None:
+                    results[name][f"{metric}_stderr"] = err
     return results
+
+
+# Corpus-level metrics lm-eval aggregates from per-document (loglikelihood, words or bytes).
+WEIGHTED = {"word_perplexity": lambda m: math.exp(-m), "byte_perplexity": lambda m: math.exp(-m),
+            "bits_per_byte": lambda m: -m / math.log(2)}
+
+
+def bootstrap_stderr(samples: list[dict[str, Any]], metric: str, seed: int,
+                     iters: int = 200) -> float | None:
+    """Standard error of a corpus-level metric: its spread over documents resampled with
+    replacement (seeded)."""
+    pairs = [tuple(s[metric]) for s in samples
+             if isinstance(s.get(metric), (list, tuple)) and len(s[metric]) == 2]
+    if len(pairs) < 2:
+        return None
+    rng, n, finish = random.Random(seed), len(pairs), WEIGHTED[metric]
+    values = []
+    for _ in range(iters):
+        draw = [pairs[rng.randrange(n)] for _ in range(n)]
+        values.append(finish(sum(p[0] for p in draw) / max(sum(p[1] for p in draw), 1)))
+    mean = sum(values) / iters
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (iters - 1))
 
 
 def _device(name: str) -> str:
@@ -143,47 +227,152 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def gate(base: dict[str, dict[str, float]], tuned: dict[str, dict[str, float]],
-         metric: str, min_improvement: float) -> tuple[bool, float, str]:
-    """Did the tuned model beat base on `task.metric` by at least min_improvement (relative)?"""
-    task_name, name = metric.split(".", 1)
-    b, t = base.get(task_name, {}).get(name), tuned.get(task_name, {}).get(name)
+@dataclass
+class Check:
+    """One line of the gate: a metric of base and tuned, and whether it meets its bound."""
+
+    kind: str  # "target" (must gain min_gain) or "general" (may lose max_regression at most)
+    task: str
+    metric: str
+    base: float | None
+    tuned: float | None
+    base_stderr: float | None
+    tuned_stderr: float | None
+    change: float  # relative, positive = tuned is better (nan when a value is missing)
+    bound: float  # target: the gain needed; general: the loss allowed
+    passed: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}.{self.metric}"
+
+    def describe(self) -> str:
+        direction = "lower" if lower_is_better(self.metric) else "higher"
+        if self.base is None or self.tuned is None or not math.isfinite(self.change):
+            return f"{self.kind} {self.name}: missing or not finite (base {self.base}, tuned " \
+                   f"{self.tuned})"
+        need = (f"needed >= {self.bound:+.1%}" if self.kind == "target"
+                else f"allowed >= {-self.bound:+.1%}")
+        return (f"{self.kind} {self.name} ({direction} is better) {_pm(self.base, self.base_stderr)}"
+                f" -> {_pm(self.tuned, self.tuned_stderr)}: {self.change:+.1%} ({need})")
+
+
+def _pm(value: float, stderr: float | None) -> str:
+    return f"{value:.4g}" + (f"±{stderr:.2g}" if stderr is not None and math.isfinite(stderr)
+                             else "")
+
+
+def primary_metric(entry: str, scores: dict[str, float]) -> str:
+    """``task.metric`` names its metric; a bare task name is judged on its primary metric."""
+    if "." in entry:
+        return entry.split(".", 1)[1]
+    for name in PRIMARY_METRICS:
+        if name in scores:
+            return name
+    return next((k for k in sorted(scores) if not k.endswith("_stderr")), "")
+
+
+def check(kind: str, task: str, metric: str, base: Scores, tuned: Scores,
+          bound: float) -> Check:
+    """Compare one metric of base and tuned against its bound (relative change)."""
+    b, t = base.get(task, {}).get(metric), tuned.get(task, {}).get(metric)
+    bs, ts = (base.get(task, {}).get(f"{metric}_stderr"),
+              tuned.get(task, {}).get(f"{metric}_stderr"))
     if b is None or t is None or not (math.isfinite(b) and math.isfinite(t)):
-        return False, float("nan"), f"gate failed: {metric} missing or not finite (base {b}, tuned {t})"
-    lower = lower_is_better(name)
-    gain = (b - t) if lower else (t - b)
-    rel = gain / abs(b) if b else (math.inf if gain > 0 else 0.0)
-    passed = gain > 0 and rel >= min_improvement
-    direction = "lower" if lower else "higher"
-    text = (f"gate {'passed' if passed else 'failed'}: {metric} ({direction} is better) base "
-            f"{b:.4g} -> tuned {t:.4g}, relative improvement {rel:+.2%} "
-            f"(needed > 0 and >= {min_improvement:.2%})")
-    return passed, rel, text
+        return Check(kind, task, metric, b, t, bs, ts, math.nan, bound, False)
+    gain = (b - t) if lower_is_better(metric) else (t - b)
+    change = gain / abs(b) if b else (math.inf if gain > 0 else 0.0 if gain == 0 else -math.inf)
+    passed = change >= bound if kind == "target" else change >= -bound
+    if kind == "target":
+        passed = passed and gain > 0
+    return Check(kind, task, metric, b, t, bs, ts, change, bound, passed)
 
 
-def comparison_table(base: dict[str, dict[str, float]],
-                     tuned: dict[str, dict[str, float]]) -> str:
-    """A markdown table: task, metric, base, tuned, delta (and which direction is better)."""
-    lines = ["| task | metric | base | tuned | delta | better |", "|---|---|---|---|---|---|"]
-    for task_name in sorted(set(base) | set(tuned)):
-        for name in sorted(set(base.get(task_name, {})) | set(tuned.get(task_name, {}))):
-            b, t = base.get(task_name, {}).get(name), tuned.get(task_name, {}).get(name)
+def gate_checks(base: Scores, tuned: Scores, cfg: EvaluateConfig,
+                general: list[str]) -> list[Check]:
+    """Every target metric against min_gain, every general task against max_regression."""
+    checks = []
+    for metric in cfg.targets:
+        task, name = metric.split(".", 1)
+        checks.append(check("target", task, name, base, tuned, cfg.min_gain))
+    for entry in general:
+        task = entry.split(".", 1)[0]
+        name = PROSE_METRIC if task == PROSE_TASK and "." not in entry else \
+            primary_metric(entry, base.get(task, {}))
+        checks.append(check("general", task, name, base, tuned, cfg.max_regression))
+    return checks
+
+
+def decide(checks: list[Check], judge: dict[str, Any] | None = None,
+           min_win_rate: float | None = None) -> tuple[bool, str]:
+    """The gate's decision and its reason in one line (failures first, else every check)."""
+    failed = [c for c in checks if not c.passed]
+    judged = judge is not None and min_win_rate is not None
+    judge_ok = not judged or judge["win_rate"] >= min_win_rate  # type: ignore[index]
+    passed = not failed and judge_ok and any(c.kind == "target" for c in checks)
+    if passed:
+        text = "gate passed: " + "; ".join(c.describe() for c in checks)
+    else:
+        why = [("regressed: " if c.kind == "general" else "did not gain enough: ") + c.describe()
+               for c in failed]
+        if not judge_ok:
+            why.append(f"judge win rate {judge['win_rate']:.1%} below "  # type: ignore[index]
+                       f"{min_win_rate:.1%}")
+        text = "gate failed: " + "; ".join(why or ["no target metric"])
+    if judge is not None:
+        text += f"; judge win rate {judge['win_rate']:.1%} over {judge['judgments']} judgments"
+    return passed, text
+
+
+def comparison_table(checks: list[Check], base: Scores, tuned: Scores) -> str:
+    """A markdown table: every metric of every task, base and tuned with stderr, the delta,
+    which direction is better and the gate's role (target / general / -)."""
+    roles = {(c.task, c.metric): c.kind for c in checks}
+    lines = ["| task | metric | base | tuned | delta | better | gate |",
+             "|---|---|---|---|---|---|---|"]
+    for task in sorted(set(base) | set(tuned)):
+        metrics = set(base.get(task, {})) | set(tuned.get(task, {}))
+        for name in sorted(m for m in metrics if not m.endswith("_stderr")):
+            b, t = base.get(task, {}).get(name), tuned.get(task, {}).get(name)
             delta = f"{t - b:+.4g}" if b is not None and t is not None else "-"
-            lines.append(f"| {task_name} | {name} | {_fmt(b)} | {_fmt(t)} | {delta} | "
-                         f"{'lower' if lower_is_better(name) else 'higher'} |")
+            bs, ts = (base.get(task, {}).get(f"{name}_stderr"),
+                      tuned.get(task, {}).get(f"{name}_stderr"))
+            lines.append(f"| {task} | {name} | {_cell(b, bs)} | {_cell(t, ts)} | {delta} | "
+                         f"{'lower' if lower_is_better(name) else 'higher'} | "
+                         f"{roles.get((task, name), '-')} |")
     return "\n".join(lines)
 
 
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4g}"
+def _cell(v: float | None, stderr: float | None) -> str:
+    return "-" if v is None else _pm(v, stderr)
+
+
+def _flat_metrics(results: dict[str, Scores], checks: list[Check]) -> dict[str, float]:
+    """Manifest/MLflow metrics: ``base.TASK.METRIC`` (and ``stderr.base...``) and the gate's."""
+    metrics = {}
+    for label, res in results.items():
+        for task, vals in res.items():
+            for key, v in vals.items():
+                if math.isfinite(v):  # JSON has no NaN/inf: the manifest would not read back
+                    name = (f"stderr.{label}.{task}.{key[:-len('_stderr')]}"
+                            if key.endswith("_stderr") else f"{label}.{task}.{key}")
+                    metrics[name] = v
+    for c in checks:
+        if math.isfinite(c.change):
+            metrics[f"gate.{c.kind}.{c.name}.change"] = c.change
+    return metrics
 
 
 def run_evaluate(data_dir: str | Path, train_dir: str | Path, out_dir: str | Path,
-                 cfg: EvaluateConfig, *, home: str | Path) -> Manifest:
-    """Benchmark the base and the tuned model on held-out data; decide the promotion gate."""
+                 cfg: EvaluateConfig, *, home: str | Path,
+                 judge_teacher: TeacherConfig | None = None) -> Manifest:
+    """Benchmark the base and the tuned model; decide the release gate."""
     from transformers import AutoTokenizer
 
-    stage = StageDir(out_dir, "evaluate", cfg.digest(), data_dir, train_dir)
+    # The judge's endpoint may come from augment.teacher: part of what this stage depends on.
+    digest = cfg.digest() + (f"+{judge_teacher.digest()}" if cfg.judge.enabled and
+                             judge_teacher is not None and cfg.judge.teacher is None else "")
+    stage = StageDir(out_dir, "evaluate", digest, data_dir, train_dir)
     if (done := stage.finished()) is not None:
         return done
     out = Path(out_dir)
@@ -201,29 +390,76 @@ def run_evaluate(data_dir: str | Path, train_dir: str | Path, out_dir: str | Pat
     tasks_dir = out / "tasks"
     shutil.rmtree(tasks_dir, ignore_errors=True)
     names = write_tasks(records, tokenizer, tasks_dir, cfg)
+    manager = _task_manager(tasks_dir, cfg)
+    extra, skipped = available_lm_eval_tasks(cfg.lm_eval_tasks, manager)
+    for entry, why in skipped.items():
+        log.warning("lm-eval task %s skipped: %s", entry, why)
+    run_names = names + sorted({e.split(".", 1)[0] for e in extra})
     models = {"base": train.base_model, "tuned": train.merged_dir}
     results = {}
     for label, model in models.items():
-        log.info("evaluate %s model %s on %s", label, model, names)
-        results[label] = evaluate_model(model, names, tasks_dir, cfg)
+        log.info("evaluate %s model %s on %s", label, model, run_names)
+        results[label] = evaluate_model(model, run_names, manager, cfg)
     shutil.rmtree(tasks_dir / HF_CACHE, ignore_errors=True)
-    passed, rel, text = gate(results["base"], results["tuned"], cfg.gate_metric,
-                             cfg.gate_min_improvement)
+    general = ([PROSE_TASK] if PROSE_TASK in names else []) + extra
+    checks = gate_checks(results["base"], results["tuned"], cfg, general)
+    judge = None
+    if cfg.judge.enabled:
+        from tasks.judge import judge_models
+
+        judge = judge_models(models, records, tokenizer, cfg.judge,
+                             cfg.judge.teacher or judge_teacher or TeacherConfig(),
+                             out / "judgments.jsonl", _device(cfg.device))
+    passed, text = decide(checks, judge, cfg.judge.min_win_rate)
     log.info(text)
     results_file, comparison_file = out / "results.json", out / "comparison.md"
-    write_atomic(results_file, json.dumps({"models": models, **results}, indent=2) + "\n")
-    table = comparison_table(results["base"], results["tuned"])
-    write_atomic(comparison_file,
-                 f"# Base vs tuned on {len(records)} held-out records\n\n{table}\n\n{text}\n")
+    write_atomic(results_file, json.dumps(
+        {"models": models, **results, "gate": {"passed": passed, "reason": text,
+                                               "checks": [asdict(c) for c in checks]},
+         "skipped_tasks": skipped, "judge": judge}, indent=2) + "\n")
+    write_atomic(comparison_file, comparison_markdown(len(records), checks, results, skipped,
+                                                      judge, text))
     for rec in records:
         writer.keep(rec, split="heldout")
-    metrics = {f"{label}.{t}.{k}": v for label, res in results.items()
-               for t, vals in res.items() for k, v in vals.items() if math.isfinite(v)}
+    metrics = _flat_metrics(results, checks)
     metrics["gate.passed"] = float(passed)
-    if math.isfinite(rel):  # JSON has no NaN/inf: the manifest would not read back
-        metrics["gate.relative_improvement"] = rel
-    output = EvaluateOutput(gate_passed=passed, gate=text, gate_metric=cfg.gate_metric,
-                            results=str(results_file), comparison=str(comparison_file))
+    if judge is not None:
+        metrics.update({f"judge.{k}": float(judge[k]) for k in
+                        ("win_rate", "wins", "losses", "ties", "judgments")})
+    first = checks[0]
+    output = EvaluateOutput(
+        gate_passed=passed, gate=text, gate_metric=cfg.gate_metric, results=str(results_file),
+        comparison=str(comparison_file), higher_is_better=not lower_is_better(first.metric),
+        target_score=first.tuned if first.tuned is not None and math.isfinite(first.tuned)
+        else None)
+    tags = {"gate.decision": "passed" if passed else "failed", "gate.reason": text[:5000]}
+    outputs = [results_file, comparison_file] + ([out / "judgments.jsonl"] if judge else [])
     return writer.finish(len(records), metrics=metrics, output=output,
-                         info={"tasks": names, "models": models},
-                         outputs=[results_file, comparison_file])
+                         info={"tasks": run_names, "models": models, "skipped_tasks": skipped,
+                               "mlflow_tags": tags}, outputs=outputs)
+
+
+def comparison_markdown(n_records: int, checks: list[Check], results: dict[str, Scores],
+                        skipped: dict[str, str], judge: dict[str, Any] | None, text: str) -> str:
+    """comparison.md: the gate's decision, its checks, every score, skipped tasks, the judge."""
+    lines = [f"# Base vs tuned ({n_records} held-out records)", "", f"**{text}**", "",
+             "## Gate checks", "", "| kind | task.metric | base | tuned | change | bound | ok |",
+             "|---|---|---|---|---|---|---|"]
+    for c in checks:
+        change = f"{c.change:+.1%}" if math.isfinite(c.change) else "-"
+        bound = f">= {c.bound:+.1%}" if c.kind == "target" else f">= {-c.bound:+.1%}"
+        lines.append(f"| {c.kind} | {c.name} | {_cell(c.base, c.base_stderr)} | "
+                     f"{_cell(c.tuned, c.tuned_stderr)} | {change} | {bound} | "
+                     f"{'yes' if c.passed else 'NO'} |")
+    lines += ["", "## Every score (± stderr)", "",
+              comparison_table(checks, results["base"], results["tuned"]), ""]
+    if skipped:
+        lines += ["## Skipped lm-eval tasks", ""]
+        lines += [f"- `{name}`: {why}" for name, why in skipped.items()] + [""]
+    if judge is not None:
+        lines += ["## LLM judge", "", f"Tuned vs base win rate {judge['win_rate']:.1%}: "
+                  f"{judge['wins']} wins, {judge['losses']} losses, {judge['ties']} ties over "
+                  f"{judge['judgments']} judgments ({judge['prompts']} prompts, each judged "
+                  f"twice with the replies swapped) by `{judge['judge']}`.", ""]
+    return "\n".join(lines)
+

@@ -117,7 +117,8 @@ def _train(c: StageContext) -> Manifest:
 def _evaluate(c: StageContext) -> Manifest:
     from tasks.evaluate import run_evaluate
 
-    return run_evaluate(c.inputs[0], c.inputs[1], c.out, c.cfg.evaluate, home=c.home)
+    return run_evaluate(c.inputs[0], c.inputs[1], c.out, c.cfg.evaluate, home=c.home,
+                        judge_teacher=c.cfg.augment.teacher)
 
 
 def _export(c: StageContext) -> Manifest:

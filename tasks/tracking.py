@@ -212,6 +212,8 @@ class Tracker:
         self.log_metrics(run_id, manifest.ledger_metrics())
         tags = [RunTag(f"ftflow.info.{k}", str(v)[:MAX_PARAM_CHARS]) for k, v in manifest.info.items()
                 if isinstance(v, (str, int, float, bool))]
+        # Tags a stage names for its run as they are (the gate's gate.decision, gate.reason).
+        tags += [RunTag(k, str(v)[:5000]) for k, v in manifest.info.get("mlflow_tags", {}).items()]
         if tags:
             self.client.log_batch(run_id, tags=tags)
         history = manifest.info.get("history_file")

@@ -23,6 +23,9 @@ os.environ.update({
     "PREFECT_LOGGING_LEVEL": "WARNING",
     # a developer's `ftflow up` stack in the repo's home must not receive the tests' runs
     "FTFLOW_NO_STACK": "1",
+    # The demo base is pretrained once per session (in session_home) on a smaller budget than
+    # the demo's; test_evaluate checks it still beats a random init by far on held-out prose.
+    "FTFLOW_TINY_PRETRAIN_STEPS": "60",
 })
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
