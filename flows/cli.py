@@ -12,6 +12,7 @@ from typing import Any
 from data_contracts.config import ConfigError, default_home, load_config
 from data_contracts.records import RecordError
 from data_contracts.stage_outputs import StageOutputError
+from tasks.augment_client import TeacherError
 from flows.env import quiet_offline_env
 from flows.stack import apply_stack_env
 from tasks.stages import COMMANDS
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ConfigError, RecordError, StageOutputError, FileNotFoundError) as err:
+    except (ConfigError, RecordError, StageOutputError, FileNotFoundError, TeacherError) as err:
         print(f"ftflow: error: {err}", file=sys.stderr)
         return 2
 
