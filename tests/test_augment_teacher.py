@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -206,3 +207,14 @@ def test_cache_is_keyed_by_teacher_model_prompt_and_params(stage_dir: Path, tmp_
     assert again.started_at == first.started_at and len(server.requests()) == 8
     assert list(read_records(tmp_path / "a", "heldout")) == list(read_records(stage_dir,
                                                                               "heldout"))
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    from email.utils import formatdate
+
+    from tasks.augment_client import retry_after_s
+
+    assert retry_after_s("3") == 3.0 and retry_after_s("0.5") == 0.5
+    assert retry_after_s(None) is None and retry_after_s("soon") is None
+    later = retry_after_s(formatdate(time.time() + 30, usegmt=True))
+    assert later is not None and 25 <= later <= 31
