@@ -218,6 +218,7 @@ class Strategies:
         self.teacher = teacher
         self.provenance = provenance
         self._rejecter = rejecter
+        self._base: Task | None = None
         self.check_instruction = check_instruction or (lambda text, prompt: None)
         # Tasks run outside a distilabel Pipeline warn so once per instance: expected here.
         logging.getLogger("distilabel.step").setLevel(logging.ERROR)
@@ -309,9 +310,10 @@ class Strategies:
     def preference(self, seeds: list[ChatSample], extra: Any = None) -> list[Candidate]:
         rows = [{"messages": _dicts(context(s))} for s in seeds]
         chosen = run_task(self.chat, rows)
-        base = ChatGeneration(llm=self._rejecter() if self._rejecter else self.teacher)
-        base.load()
-        rejected = run_task(base, rows)
+        if self._base is None:  # the base model, loaded once for every batch
+            self._base = ChatGeneration(llm=self._rejecter() if self._rejecter else self.teacher)
+            self._base.load()
+        rejected = run_task(self._base, rows)
         cands = []
         for s, c_out, r_out in zip(seeds, chosen, rejected):
             good, bad = c_out.get("generation") or "", r_out.get("generation") or ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,4 +73,5 @@ def test_a_whole_run_never_stores_the_teacher_key(tmp_path: Path, session_home: 
     assert KEY.encode() not in proc.stdout + proc.stderr
     # the key's variable name may be recorded (it is config), its value never
     prefect_db = b"".join(_bytes(p) for p in (home / "prefect").rglob("*") if p.is_file())
-    assert b"augment generation" in prefect_db  # the generation progress artifact
+    # the generation progress artifact: rows done of total, rejections so far
+    assert re.search(rb"augment generation: 6 of 6 rows, rejected \d+", prefect_db)
