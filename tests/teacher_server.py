@@ -74,6 +74,7 @@ class State:
         self.lock = threading.Lock()
         self.attempts: dict[str, int] = {}
         self.served = 0
+        self.inflight = 0
         self.log = open(args.log, "a", buffering=1)
 
     def record(self, **row: Any) -> None:
@@ -99,7 +100,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        st, args = self.state, self.state.args
+        st = self.state
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         messages = body["messages"]
         user = messages[-1]["content"]
@@ -107,9 +108,20 @@ class Handler(BaseHTTPRequestHandler):
         with st.lock:
             attempt = st.attempts.get(key, 0)
             st.attempts[key] = attempt + 1
+            st.inflight += 1
+            inflight = st.inflight  # requests being handled now, this one included
+        try:
+            self._answer(body, messages, user, key, attempt, inflight)
+        finally:
+            with st.lock:
+                st.inflight -= 1
+
+    def _answer(self, body: dict[str, Any], messages: list[dict[str, str]], user: str,
+                key: str, attempt: int, inflight: int) -> None:
+        st, args = self.state, self.state.args
         if args.latency:
             time.sleep(args.latency)
-        row = {"prompt": user, "digest": key, "attempt": attempt}
+        row = {"prompt": user, "digest": key, "attempt": attempt, "inflight": inflight}
         if self.path.rstrip("/") != "/v1/chat/completions":
             st.record(status=404, **row)
             return self._send(404, {"error": {"message": f"no route {self.path}"}})

@@ -218,3 +218,13 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after_s(None) is None and retry_after_s("soon") is None
     later = retry_after_s(formatdate(time.time() + 30, usegmt=True))
     assert later is not None and 25 <= later <= 31
+
+
+def test_concurrency_limits_the_requests_in_flight(stage_dir: Path, tmp_path: Path,
+                                                   server: TeacherServer, home: Path) -> None:
+    server.start(latency=0.3)
+    m = run_augment(stage_dir, tmp_path / "out", augment_cfg(server.url, 9, concurrency=3),
+                    home=home)
+    inflight = [r["inflight"] for r in server.requests()]
+    assert m.generated == 9 and len(inflight) == 9
+    assert max(inflight) == 3  # never more than the limit, and the limit was used
