@@ -271,11 +271,9 @@ def run_augment(input_path: str | Path, out_dir: str | Path, cfg: AugmentConfig,
     stats = TeacherStats()
     if plan:
         near = NearDuplicates(cfg.near_duplicate_threshold)
-        for rec in originals:
-            near.add(rec.id, rec.joined_text())
-        if is_stage_dir(input_path):
-            for rec in read_records(input_path, "heldout"):
-                near.add(rec.id, rec.joined_text())
+        near.add_many([(r.id, r.joined_text()) for r in originals])
+        if is_stage_dir(input_path):  # a synthetic copy of a held-out row would leak it
+            near.add_many([(r.id, r.joined_text()) for r in read_records(input_path, "heldout")])
         _generate(writer, plan, extras, cfg, home, base_model, stats, ledger, near)
     generated = sum(v["generated"] for v in ledger.per.values())
     accepted = sum(v["accepted"] for v in ledger.per.values())

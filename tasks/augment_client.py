@@ -36,6 +36,7 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
+MAX_RETRY_AFTER_S = 600.0
 Messages = list[dict[str, str]]
 
 
@@ -171,9 +172,10 @@ class ChatClient:
         return text if isinstance(text, str) else ""
 
     def _delay(self, attempt: int, wait_s: float | None) -> float:
-        """Exponential backoff with jitter, and never less than the server's Retry-After."""
+        """Exponential backoff with jitter, and never less than the server's Retry-After (up to
+        MAX_RETRY_AFTER_S: a server asking for an hour is treated as down)."""
         backoff = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)
-        return max(backoff, min(wait_s, max(self.max_backoff_s, 1.0))) if wait_s else backoff
+        return max(backoff, min(wait_s, MAX_RETRY_AFTER_S)) if wait_s else backoff
 
     def complete(self, messages: Messages) -> str:
         """The teacher's reply to one conversation: from the cache, else asked (with retries)."""

@@ -173,12 +173,21 @@ class NearDuplicates:
         return best
 
     def add(self, rid: str, text: str) -> None:
-        if rid in self.grams:
-            return
-        key, grams, mh = self._sig(text)
-        self.exact.setdefault(key, rid)
-        self.grams[rid] = grams
-        self.lsh.insert(rid, mh)
+        self.add_many([(rid, text)])
+
+    def add_many(self, rows: list[tuple[str, str]], chunk: int = 4096) -> None:
+        """Index rows (id, text); MinHashes computed in bulk (the real data: many rows)."""
+        from tasks.dedup_common import match_form, minhashes
+
+        rows = [(rid, text) for rid, text in dict(rows).items() if rid not in self.grams]
+        for i in range(0, len(rows), chunk):
+            part = rows[i:i + chunk]
+            forms = [match_form(text, self.ngram) for _, text in part]
+            hashes = minhashes([g for _, g in forms], self.num_perm)
+            for (rid, _), (key, grams), mh in zip(part, forms, hashes):
+                self.exact.setdefault(key, rid)
+                self.grams[rid] = grams
+                self.lsh.insert(rid, mh)
 
 
 JUDGE_RUBRIC = (
