@@ -157,3 +157,19 @@ def test_augment_runs_after_torch_used_threads_in_the_same_process(
         capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "generated 2" in proc.stdout
+
+
+def test_strategy_quotas_are_validated_at_load_time() -> None:
+    from data_contracts.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="augment.strategies: .*unknown strategy 'rewrite'"):
+        load_config(None, ["augment.strategies={rewrite: 4}"])
+    with pytest.raises(ConfigError, match="augment.strategies"):
+        load_config(None, ["augment.strategies={evolve: -1}"])
+    cfg = load_config(None, ["augment.strategies={evolve: 3, doc_qa: 2}"]).augment
+    assert cfg.quotas() == {"evolve": 3, "doc_qa": 2}
+    assert load_config(None, ["augment.max_seed_records=5"]).augment.quotas() == {"fresh_reply": 5}
+    # how generation runs (retries, concurrency) is not what it produces: same stage digest
+    fast = load_config(None, ["augment.teacher.concurrency=16", "augment.teacher.max_retries=9"])
+    assert fast.augment.digest() == AugmentConfig().digest()
+    assert AugmentConfig(max_synthetic_share=0.3).digest() != AugmentConfig().digest()
