@@ -251,13 +251,50 @@ class TeacherConfig(_Section):
     temperature: float = Field(0.7, ge=0.0, le=10.0)
     max_new_tokens: int = Field(96, gt=0, le=MAX_TOKENS)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # transformers teacher only
+    # kind=openai: a request that has not answered in timeout_s is cut off; timeouts, dropped
+    # connections, 429 and 5xx are retried max_retries times (backoff_s doubling, with jitter,
+    # and at least the server's Retry-After); concurrency requests are in flight at once.
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    backoff_s: float = Field(1.0, ge=0)
+    max_backoff_s: float = Field(60.0, ge=0)
+    concurrency: int = Field(4, ge=1)
+    # Every answer is kept in <home>/cache/teacher, keyed by (endpoint, model, prompt, params):
+    # a rerun (after a crash) asks only for what it does not have yet.
+    cache: bool = True
+
+
+# Teacher settings that change how generation runs, not what it produces.
+TEACHER_RUNTIME_KEYS = {"timeout_s", "max_retries", "backoff_s", "max_backoff_s", "concurrency",
+                        "cache", "device"}
+AUGMENT_STRATEGIES = ("fresh_reply", "paraphrase", "self_instruct", "evolve", "doc_qa",
+                      "preference")
+
+
+class JudgeConfig(_Section):
+    """LLM-as-judge (the teacher): a 1-5 rubric of relevance, accuracy and format."""
+
+    enabled: bool = False
+    min_score: int = Field(4, ge=1, le=5)  # rows scored below it are rejected (synthetic_judge)
 
 
 class AugmentConfig(_Section):
     enabled: bool = True
+    # Rows each strategy tries to generate (its quota), e.g. {fresh_reply: 8, evolve: 4}:
+    # fresh_reply (a new final reply to a seed chat), paraphrase (the user turn reworded, then
+    # answered), self_instruct (a new instruction from seeds of one domain, answered), evolve
+    # (the instruction made more complex, Evol-Instruct style, answered), doc_qa (a question and
+    # answer from a plain-text record), preference (a prompt with the teacher's reply as chosen
+    # and the base model's as rejected, for DPO/ORPO). Empty: {fresh_reply: max_seed_records}.
+    strategies: dict[str, int] = Field(default_factory=dict)
     max_seed_records: int = Field(16, ge=0, le=MAX_RECORDS)
     seed: int = 0  # which train records become seeds (deterministic for a given seed)
-    batch_size: int = Field(8, gt=0, le=MAX_BATCH)  # rows per teacher batch
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH)  # rows per teacher batch (>= teacher.concurrency)
+    # Synthetic rows are at most this share of the training set (real + synthetic).
+    max_synthetic_share: float = Field(0.5, ge=0.0, le=1.0)
+    self_instruct_examples: int = Field(3, ge=1)  # seed instructions shown per new instruction
+    # preference: the model whose reply is "rejected"; "": train.base_model
+    rejected_model: str = ""
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     # Validation of every generation: failures are filtered as synthetic_invalid.
     min_words: int = Field(4, ge=0, le=MAX_WORDS)
@@ -266,6 +303,37 @@ class AugmentConfig(_Section):
     # Share of whitespace tokens that are words (letters, with surrounding punctuation allowed):
     # word salad from a weak teacher (mixed digits/letters, fragments) falls below it.
     min_word_token_ratio: float = Field(0.75, ge=0.0, le=1.0)
+    # Language of each reply (fastText lid.176, as at ingest): its most likely language must be
+    # one of these, with at least language_threshold (low: lid.176.ftz gives a clean 12-word
+    # English reply 0.38), else synthetic_language. []: no check.
+    languages: list[str] = Field(default_factory=lambda: ["en"])
+    language_threshold: float = Field(0.2, ge=0.0, le=1.0)
+    json_schema: str = ""  # a JSON-schema file every reply must parse and satisfy; "": off
+    # Word-5-gram Jaccard at which a row duplicates a real or an earlier synthetic row.
+    near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    sample_size: int = Field(20, ge=0)  # accepted and rejected rows in synthetic_samples.json
+
+    @field_validator("strategies")
+    @classmethod
+    def _known_strategies(cls, v: dict[str, int]) -> dict[str, int]:
+        for name, quota in v.items():
+            if name not in AUGMENT_STRATEGIES:
+                raise ValueError(f"unknown strategy {name!r} (one of {', '.join(AUGMENT_STRATEGIES)})")
+            if not isinstance(quota, int) or quota < 0:
+                raise ValueError(f"{name}: the quota must be a whole number >= 0")
+        return v
+
+    def quotas(self) -> dict[str, int]:
+        """Rows each strategy tries to generate (strategies, else fresh_reply: max_seed_records)."""
+        return dict(self.strategies) if self.strategies else {"fresh_reply": self.max_seed_records}
+
+    def digest(self) -> str:
+        """As every section's, minus the teacher's runtime settings (retries, concurrency, ...)."""
+        data = self.model_dump(mode="json")
+        data["teacher"] = {k: v for k, v in data["teacher"].items()
+                           if k not in TEACHER_RUNTIME_KEYS}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class LoraConfig(_Section):

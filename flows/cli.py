@@ -12,6 +12,7 @@ from typing import Any
 from data_contracts.config import ConfigError, default_home, load_config
 from data_contracts.records import RecordError
 from data_contracts.stage_outputs import StageOutputError
+from tasks.augment_client import TeacherError
 from flows.env import quiet_offline_env
 from flows.preflight import PreflightError
 from flows.stack import apply_stack_env
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in err.problems:
             print(f"ftflow: error: {problem}", file=sys.stderr)
         return 2
-    except (ConfigError, RecordError, StageOutputError, FileNotFoundError) as err:
+    except (ConfigError, RecordError, StageOutputError, FileNotFoundError, TeacherError) as err:
         print(f"ftflow: error: {err}", file=sys.stderr)
         return 2
     except Exception as err:

@@ -1,234 +1,249 @@
-"""Stage 4: synthetic augmentation with a distilabel teacher, every generation validated.
+"""Stage 5: synthetic augmentation with a distilabel teacher, every generation validated.
 
-What is generated: for each seed conversation (a deterministic sample of the train records),
-the teacher writes a *fresh final assistant reply* to the same conversation: distilabel's
-``ChatGeneration`` task gets the seed's messages up to its last user turn, and the synthetic
-record is that context plus the new reply. It adds answer diversity without inventing
-questions the data never asked. Generations that fail validation (empty, too short or long,
-chat-template tokens leaked, an echo of the prompt, not mostly printable text) are filtered
-as ``synthetic_invalid`` with the reason; the originals and the held-out split pass through.
+Seeds are train records only (the held-out split is carried through, never read as a seed).
+Each configured strategy (``augment.strategies``: name -> quota, see
+``tasks/augment_strategies.py``) turns its seeds into candidate rows in batches; every
+candidate is validated (``tasks/augment_validate.py``) and kept, filtered with its reason, or
+deduplicated naming the row it repeats. Synthetic rows carry their provenance in ``meta``
+(strategy, teacher, prompt-template digest, seed ids) and are capped at
+``max_synthetic_share`` of the training set. The teacher's answers are cached per request in
+the ftflow home (``tasks/augment_client.py``), so a rerun after a crash asks only for the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import re
-import tempfile
 import time
-from contextlib import contextmanager
+from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable
 
-
-from data_contracts.config import AugmentConfig, TeacherConfig
+from data_contracts.config import AugmentConfig
 from data_contracts.manifest import Manifest
-from data_contracts.records import ChatSample, Message, content_id
-from tasks.base_model import resolve_base_model
-from tasks.io import Quarantined, iter_input
-from tasks.stage_dir import StageDir
+from data_contracts.records import ChatSample, content_id
+from tasks.augment_client import TeacherError, TeacherStats
+from tasks.augment_validate import (CONTRACT, INVALID, JUDGE, LANGUAGE, NEAR_DUPLICATE, SCHEMA,
+                                    NearDuplicates, check_contract, check_schema, judge_score,
+                                    validate_generation)
+from tasks.io import Quarantined, is_stage_dir, iter_input, read_records
+from tasks.progress import Progress
+from tasks.stage_dir import StageDir, StageWriter, write_atomic
+
+__all__ = ["INVALID", "TeacherError", "run_augment", "validate_generation", "choose_seeds"]
 
 log = logging.getLogger(__name__)
-
-INVALID = "synthetic_invalid"
-# Chat-template markup of the common families; a clean reply contains none of it.
-LEAK_PATTERNS = [
-    r"<\|[a-z_]+(\|>)?", r"</?s>", r"<unk>", r"<pad>", r"\[/?INST\]", r"<</?SYS>>",
-    r"^(system|user|assistant)\s*$", r"^#{2,3} ?(Instruction|Response):",
-]
-LEAK_RE = re.compile("|".join(LEAK_PATTERNS), re.IGNORECASE | re.MULTILINE)
+SAMPLES_NAME = "synthetic_samples.json"
 
 
-def _normalize_for_copy_check(text: str) -> str:
-    """Lower-cased, whitespace collapsed: the form in which a reply is compared to its prompt."""
-    return " ".join(text.lower().split())
+def usable_chat(r: ChatSample) -> bool:
+    return (r.kind == "chat" and r.messages[-1].role == "assistant"
+            and any(m.role == "user" for m in r.messages))
 
 
-def printable_ratio(text: str) -> float:
-    """Share of characters that are printable text (the replacement char U+FFFD is not)."""
-    if not text:
-        return 0.0
-    good = sum(1 for ch in text if (ch.isprintable() or ch in "\n\t") and ch != "\ufffd")
-    return good / len(text)
-
-
-_WORD_RE = re.compile(r"^[\W_]*[^\W\d_]+(?:['’-][^\W\d_]+)*[\W_]*$")
-
-
-def word_token_ratio(text: str) -> float:
-    """Share of whitespace-separated tokens that are words (no digits glued to letters)."""
-    tokens = text.split()
-    return sum(1 for t in tokens if _WORD_RE.match(t)) / len(tokens) if tokens else 0.0
-
-
-def validate_generation(text: str | None, prompt: str, cfg: AugmentConfig,
-                        special_tokens: tuple[str, ...] = ()) -> str | None:
-    """Why a generated reply is unusable, or None when it is valid."""
-    if text is None or not text.strip():
-        return "empty generation"
-    if len(text) > cfg.max_chars:
-        return f"too long: {len(text)} chars > {cfg.max_chars}"
-    ratio = printable_ratio(text)
-    if ratio < cfg.min_printable_ratio:
-        return f"not printable text: {ratio:.2f} printable < {cfg.min_printable_ratio}"
-    if any(ch == "\ufffd" or (not ch.isprintable() and ch not in "\n\t") for ch in text):
-        return "broken characters (control characters or U+FFFD)"
-    leaked = LEAK_RE.search(text)
-    if leaked is None:
-        leaked = next((t for t in special_tokens if t and t in text), None)
-    if leaked is not None:
-        token = leaked if isinstance(leaked, str) else leaked.group(0)
-        return f"chat template or special token leaked: {token.strip()!r}"
-    words = len(text.split())
-    if words < cfg.min_words:
-        return f"too few words: {words} < {cfg.min_words}"
-    wratio = word_token_ratio(text)
-    if wratio < cfg.min_word_token_ratio:
-        return f"not fluent text: {wratio:.2f} of tokens are words < {cfg.min_word_token_ratio}"
-    gen, ask = _normalize_for_copy_check(text), _normalize_for_copy_check(prompt)
-    if ask and (gen == ask or gen.startswith(ask)):
-        return "copies the prompt"
-    return None
-
-
-def choose_seeds(records: list[ChatSample], n: int, seed: int) -> list[ChatSample]:
-    """Up to n chat records ending in an assistant reply, chosen by a seeded hash of the id."""
-    usable = [r for r in records if r.messages and r.messages[-1].role == "assistant"
-              and any(m.role == "user" for m in r.messages)]
-    usable.sort(key=lambda r: hashlib.sha256(f"{seed}:{r.id}".encode()).hexdigest())
+def choose_seeds(records: list[ChatSample], n: int, seed: int, strategy: str = "fresh_reply"
+                 ) -> list[ChatSample]:
+    """Up to n seeds for a strategy (documents for doc_qa, chats else), by a seeded hash."""
+    ok = (lambda r: r.kind == "text") if strategy == "doc_qa" else usable_chat
+    usable = [r for r in records if ok(r)]
+    tag = "" if strategy == "fresh_reply" else f"{strategy}:"
+    usable.sort(key=lambda r: hashlib.sha256(f"{seed}:{tag}{r.id}".encode()).hexdigest())
     return usable[:n]
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def build_teacher(teacher: TeacherConfig, home: str | Path) -> Any:
-    """The distilabel LLM for the teacher config (the API key only ever lives in memory)."""
-    kwargs: dict[str, Any] = {"max_new_tokens": teacher.max_new_tokens,
-                              "temperature": teacher.temperature}
-    if teacher.kind == "openai":
-        from distilabel.models.llms import OpenAILLM
-
-        key = os.environ.get(teacher.api_key_env, "")
-        if not key:
-            raise ValueError(f"augment.teacher.kind=openai reads its API key from the environment "
-                             f"variable {teacher.api_key_env}, which is not set")
-        extra = {"base_url": teacher.base_url} if teacher.base_url else {}
-        return OpenAILLM(model=teacher.model, api_key=key, generation_kwargs=kwargs, **extra)
-    from distilabel.models.llms import TransformersLLM
-
-    kwargs["do_sample"] = teacher.temperature > 0
-    if teacher.temperature == 0:
-        kwargs.pop("temperature")
-    path = resolve_base_model(teacher.model, home)
-    return TransformersLLM(model=path, device=_device(teacher.device), trust_remote_code=False,
-                           generation_kwargs=kwargs)
+def synthetic_cap(real_train: int, share: float) -> int:
+    """The most synthetic rows that keep them at ``share`` of real + synthetic."""
+    if share >= 1.0:
+        return 10**12
+    return int(real_train * share / (1.0 - share) + 1e-9)
 
 
-@contextmanager
-def _distilabel_logging() -> Iterator[None]:
-    """Undo what distilabel does to logging: it replaces the root handlers (Prefect's, pytest's)
-    with a queue that is closed after the run, and silences some libraries' loggers."""
-    from distilabel.utils.logging import _SILENT_LOGGERS
+def trim_quotas(quotas: dict[str, int], cap: int) -> dict[str, int]:
+    """Quotas scaled down (in proportion, remainders in config order) to sum to at most cap."""
+    total = sum(quotas.values())
+    if total <= cap:
+        return dict(quotas)
+    out = {k: q * cap // total for k, q in quotas.items()}
+    for k in quotas:
+        if sum(out.values()) >= cap:
+            break
+        if out[k] < quotas[k]:
+            out[k] += 1
+    return out
 
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    levels = {name: logging.getLogger(name).level for name in _SILENT_LOGGERS}
-    env_level = os.environ.get("DISTILABEL_LOG_LEVEL")
-    os.environ.setdefault("DISTILABEL_LOG_LEVEL", "WARNING")  # its INFO is a line per batch
+
+def domain_groups(seeds: list[ChatSample], pool: list[ChatSample], k: int
+                  ) -> list[list[ChatSample]]:
+    """For each seed, k-1 other chats of its domain (meta.domain, else its source file)."""
+    def domain(r: ChatSample) -> str:
+        return str(r.meta.get("domain") or (r.source.file if r.source else ""))
+
+    by_domain: dict[str, list[ChatSample]] = defaultdict(list)
+    for r in pool:
+        by_domain[domain(r)].append(r)
+    out = []
+    for s in seeds:
+        group = [r for r in by_domain[domain(s)] if r.id != s.id]
+        start = int(hashlib.sha256(s.id.encode()).hexdigest(), 16) % max(1, len(group))
+        out.append((group[start:] + group[:start])[:k - 1])
+    return out
+
+
+class Ledger:
+    """Generated / accepted / rejected-by-reason per strategy, and a sample of each."""
+
+    def __init__(self, quotas: dict[str, int], sample_size: int) -> None:
+        self.per: dict[str, dict[str, Any]] = {
+            k: {"quota": q, "generated": 0, "accepted": 0, "rejected": Counter()}
+            for k, q in quotas.items()}
+        self.sample_size = sample_size
+        self.accepted_sample: list[dict[str, Any]] = []
+        self.rejected_sample: list[dict[str, Any]] = []
+
+    @property
+    def rejected(self) -> int:
+        return sum(sum(v["rejected"].values()) for v in self.per.values())
+
+    def accept(self, strategy: str, rec: ChatSample) -> None:
+        self.per[strategy]["accepted"] += 1
+        if len(self.accepted_sample) < self.sample_size:
+            self.accepted_sample.append(rec.model_dump(mode="json"))
+
+    def reject(self, strategy: str, reason: str, why: str, rec: ChatSample) -> None:
+        self.per[strategy]["rejected"][reason] += 1
+        if len(self.rejected_sample) < self.sample_size:
+            self.rejected_sample.append({"strategy": strategy, "reason": reason, "why": why,
+                                         "record": rec.model_dump(mode="json")})
+
+    def info(self) -> dict[str, Any]:
+        return {k: {**v, "rejected": dict(sorted(v["rejected"].items()))}
+                for k, v in self.per.items()}
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k, v in self.per.items():
+            out[f"augment.{k}.generated"] = float(v["generated"])
+            out[f"augment.{k}.accepted"] = float(v["accepted"])
+            for reason, n in v["rejected"].items():
+                out[f"augment.{k}.rejected.{reason}"] = float(n)
+        return out
+
+
+class Validator:
+    """Every check a candidate passes before it joins (see tasks/augment_validate.py)."""
+
+    def __init__(self, cfg: AugmentConfig, home: str | Path, special: tuple[str, ...],
+                 near: NearDuplicates) -> None:
+        self.cfg, self.special, self.near = cfg, special, near
+        self.language: Callable[[str], str | None] | None = None
+        if cfg.languages:
+            from tasks.assets import ensure_lid_model
+            from tasks.augment_validate import LanguageCheck
+
+            self.language = LanguageCheck(ensure_lid_model(home), cfg.languages,
+                                          cfg.language_threshold)
+
+    def instruction(self, text: str, prompt: str) -> str | None:
+        return validate_generation(text, prompt, self.cfg, self.special)
+
+    def check(self, c: Any) -> tuple[str, str, str | None] | None:
+        """(reason, why, dup_of) for a rejected candidate; None when it may join."""
+        if c.problem is not None:
+            return (INVALID if c.problem.startswith("instruction:") else CONTRACT), c.problem, None
+        if (why := check_contract(c.record)) is not None:
+            return CONTRACT, why, None
+        for label, text, prompt in c.texts:
+            if (why := validate_generation(text, prompt, self.cfg, self.special)) is not None:
+                return INVALID, f"{label}: {why}", None
+        replies = [t for label, t, _ in c.texts if label in ("reply", "chosen")]
+        if self.language is not None:
+            for text in replies:
+                if (why := self.language(text)) is not None:
+                    return LANGUAGE, why, None
+        if self.cfg.json_schema:
+            for text in replies:
+                if (why := check_schema(text, self.cfg.json_schema)) is not None:
+                    return SCHEMA, why, None
+        match = self.near.match(c.record.joined_text())
+        if match is not None:
+            return NEAR_DUPLICATE, f"jaccard {match[1]:.2f}", match[0]
+        self.near.add(c.record.id, c.record.joined_text())
+        return None
+
+
+def _rejected_row(c: Any, provenance: dict[str, Any]) -> ChatSample:
+    """A candidate that never became a row, kept as a text record of what the teacher wrote."""
+    text = next((t for _, t, _ in reversed(c.texts) if t.strip()), "") or f"({c.problem})"
+    return ChatSample(id=content_id(None, text), text=text, meta=provenance)
+
+
+def _generate(writer: StageWriter, plan: dict[str, list[ChatSample]], extras: dict[str, Any],
+              cfg: AugmentConfig, home: str | Path, base_model: str, stats: TeacherStats,
+              ledger: Ledger, near: NearDuplicates) -> None:
+    """Run every strategy on its seeds, validate and write each candidate."""
+    from tasks.augment_strategies import Strategies, template_digest
+    from tasks.augment_teacher import build_teacher, local_model, special_tokens
+
+    teacher_label = cfg.teacher.model if cfg.teacher.kind == "transformers" else (
+        f"{cfg.teacher.model}@{cfg.teacher.base_url or 'https://api.openai.com/v1'}")
+
+    def provenance(strategy: str, seed_ids: list[str]) -> dict[str, Any]:
+        return {"synthetic": True, "strategy": strategy, "teacher": cfg.teacher.model,
+                "teacher_kind": cfg.teacher.kind, "template_digest": template_digest(strategy),
+                "seed_id": seed_ids[0], "seed_ids": seed_ids}
+
+    teacher = build_teacher(cfg.teacher, home, stats)
+    validator = Validator(cfg, home, special_tokens(cfg.teacher, home), near)
+    rejected_model = cfg.rejected_model or base_model or "builtin:tiny-llama"
+    strategies = Strategies(
+        teacher, provenance, check_instruction=validator.instruction,
+        rejecter=lambda: local_model(rejected_model, cfg.teacher, home, stats,
+                                     f"rejected:{rejected_model}"))
+    total = sum(len(s) for s in plan.values())
+    progress = Progress("augment generation", total, unit="rows")
+    log.info("augment: %d rows to generate with %s (%s)", total, teacher_label,
+             ", ".join(f"{k} {len(v)}" for k, v in plan.items()))
     try:
-        yield
+        for name, seeds in plan.items():
+            for i in range(0, len(seeds), cfg.batch_size):
+                batch = seeds[i:i + cfg.batch_size]
+                extra = extras.get(name, [None] * len(seeds))[i:i + cfg.batch_size]
+                cands = getattr(strategies, name)(batch, extra)
+                ledger.per[name]["generated"] += len(cands)
+                verdicts = [validator.check(c) for c in cands]
+                if cfg.judge.enabled:
+                    ok = [j for j, v in enumerate(verdicts) if v is None]
+                    answers = strategies.judge([cands[j].record for j in ok])
+                    for j, answer in zip(ok, answers):
+                        score = judge_score(answer)
+                        if score is None or score < cfg.judge.min_score:
+                            verdicts[j] = (JUDGE, f"judge score {score} < {cfg.judge.min_score}"
+                                           if score is not None else "judge gave no score", None)
+                for c, verdict in zip(cands, verdicts):
+                    rec = c.record or _rejected_row(c, provenance(name, c.seed_ids))
+                    if verdict is None:
+                        writer.keep(rec, split="train")
+                        ledger.accept(name, rec)
+                        continue
+                    reason, why, dup_of = verdict
+                    ledger.reject(name, reason, why, rec)
+                    if reason == NEAR_DUPLICATE:
+                        writer.duplicate(rec, dup_of or "", "near", why=why, strategy=name)
+                    else:
+                        writer.drop(rec, reason=reason, why=why, strategy=name)
+                progress.update(len(batch), rejected=ledger.rejected)
     finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        for name, lvl in levels.items():
-            logging.getLogger(name).setLevel(lvl)
-        if env_level is None:
-            os.environ.pop("DISTILABEL_LOG_LEVEL", None)
-
-
-def generate(seeds: list[ChatSample], cfg: AugmentConfig, home: str | Path) -> list[str | None]:
-    """One teacher reply per seed, in seed order (None where the teacher failed).
-
-    distilabel runs in a fresh interpreter (spawn), which then forks its step processes. Forked
-    straight from this process they can hang or segfault: once it has run torch on more than
-    one thread (training in a long-lived worker, an earlier stage or test), torch's OpenMP
-    runtime (libgomp) is not fork-safe, and distilabel's pool then waits forever.
-    """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_generate_in_fresh_process, seeds, cfg, str(home)).result()
-
-
-def _generate_in_fresh_process(seeds: list[ChatSample], cfg: AugmentConfig,
-                               home: str) -> list[str | None]:
-    """_generate in the spawned interpreter, whose step processes fork again where possible.
-
-    A spawned child inherits "spawn" as its default start method, so distilabel would start
-    each step process as yet another interpreter importing torch, transformers and distilabel
-    afresh (~20 s of the demo's augment stage on 2 cores). This interpreter has run no torch
-    work before the pool forks, so fork is safe here.
-    """
-    import multiprocessing
-
-    if "fork" in multiprocessing.get_all_start_methods():
-        multiprocessing.set_start_method("fork", force=True)
-    return _generate(seeds, cfg, home)
-
-
-def _generate(seeds: list[ChatSample], cfg: AugmentConfig, home: str) -> list[str | None]:
-    """generate()'s work, in the process that runs distilabel."""
-    from distilabel.pipeline import Pipeline
-    from distilabel.steps import LoadDataFromDicts
-    from distilabel.steps.tasks import ChatGeneration
-
-    rows = [{"seed_idx": i, "messages": [m.model_dump() for m in s.messages[:-1]]}
-            for i, s in enumerate(seeds)]
-    llm = build_teacher(cfg.teacher, home)
-    # A throwaway cache dir: distilabel's cache would otherwise land in ~/.cache or the repo.
-    with tempfile.TemporaryDirectory(prefix="ftflow-distilabel-") as cache, _distilabel_logging():
-        with Pipeline(name="ftflow-augment", cache_dir=cache) as pipeline:
-            load = LoadDataFromDicts(data=rows, batch_size=cfg.batch_size)
-            chat = ChatGeneration(llm=llm, input_batch_size=cfg.batch_size)
-            load >> chat
-        distiset = pipeline.run(use_cache=False)
-        out_rows = distiset["default"]["train"].to_list()
-    replies: list[str | None] = [None] * len(seeds)
-    for row in out_rows:
-        replies[int(row["seed_idx"])] = row.get("generation")
-    return replies
-
-
-def _special_tokens(cfg: AugmentConfig, home: str | Path) -> tuple[str, ...]:
-    """The teacher tokenizer's special tokens, so a leak of any of them is caught."""
-    if cfg.teacher.kind != "transformers":
-        return ()
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(resolve_base_model(cfg.teacher.model, home))
-    return tuple(t for t in tok.all_special_tokens if len(t) > 1)
-
-
-def synthetic_record(seed: ChatSample, reply: str, teacher: str) -> ChatSample:
-    """The seed's context plus the teacher's reply, with a content-hash id."""
-    msgs = [*seed.messages[:-1], Message(role="assistant", content=reply)]
-    as_dicts = [m.model_dump() for m in msgs]
-    return ChatSample(id=content_id(as_dicts, None), messages=msgs,
-                      meta={"synthetic": True, "seed_id": seed.id, "teacher": teacher})
+        progress.close()
 
 
 def run_augment(input_path: str | Path, out_dir: str | Path, cfg: AugmentConfig, *,
-                home: str | Path) -> Manifest:
-    """Keep every record and add teacher-written replies that pass validation."""
-    stage = StageDir(out_dir, "augment", cfg.digest(), input_path, heldout="carry")
+                home: str | Path, base_model: str = "") -> Manifest:
+    """Keep every record and add teacher-written rows that pass validation."""
+    quotas = {k: q for k, q in cfg.quotas().items() if q > 0} if cfg.enabled else {}
+    extra_digests = ({"rejected_model": cfg.rejected_model or base_model}
+                     if "preference" in quotas else None)
+    stage = StageDir(out_dir, "augment", cfg.digest(), input_path, heldout="carry",
+                     extra_digests=extra_digests)
     if (done := stage.finished()) is not None:
         return done
     t0 = time.monotonic()
@@ -243,23 +258,44 @@ def run_augment(input_path: str | Path, out_dir: str | Path, cfg: AugmentConfig,
         originals.append(item)
         writer.keep(item, split="train")
 
-    seeds = choose_seeds(originals, cfg.max_seed_records, cfg.seed) if cfg.enabled else []
-    replies = generate(seeds, cfg, home) if seeds else []
-    special = _special_tokens(cfg, home) if seeds else ()
-    valid = 0
-    for seed, reply in zip(seeds, replies):
-        rec = synthetic_record(seed, reply or "", cfg.teacher.model)
-        prompt = next(m.content for m in reversed(seed.messages) if m.role == "user")
-        why = validate_generation(reply, prompt, cfg, special)
-        if why is None:
-            valid += 1
-            writer.keep(rec, split="train")
-        else:
-            writer.drop(rec, reason=INVALID, why=why)
-    log.info("augment: %d generated, %d valid", len(replies), valid)
-    metrics = {"augment.generated": float(len(replies)), "augment.valid": float(valid),
-               "augment.invalid": float(len(replies) - valid),
-               "augment.seconds": round(time.monotonic() - t0, 3)}
+    cap = synthetic_cap(len(originals), cfg.max_synthetic_share)
+    trimmed = trim_quotas(quotas, cap)
+    plan = {k: choose_seeds(originals, q, cfg.seed, k) for k, q in trimmed.items()}
+    plan = {k: v for k, v in plan.items() if v}
+    extras: dict[str, Any] = {}
+    if "self_instruct" in plan:
+        pool = [r for r in originals if usable_chat(r)]
+        extras["self_instruct"] = domain_groups(plan["self_instruct"], pool,
+                                                cfg.self_instruct_examples)
+    ledger = Ledger(trimmed, cfg.sample_size)
+    stats = TeacherStats()
+    if plan:
+        near = NearDuplicates(cfg.near_duplicate_threshold)
+        near.add_many([(r.id, r.joined_text()) for r in originals])
+        if is_stage_dir(input_path):  # a synthetic copy of a held-out row would leak it
+            near.add_many([(r.id, r.joined_text()) for r in read_records(input_path, "heldout")])
+        _generate(writer, plan, extras, cfg, home, base_model, stats, ledger, near)
+    generated = sum(v["generated"] for v in ledger.per.values())
+    accepted = sum(v["accepted"] for v in ledger.per.values())
+    log.info("augment: %d generated, %d accepted, %d rejected", generated, accepted,
+             ledger.rejected)
+    samples = Path(out_dir) / SAMPLES_NAME
+    write_atomic(samples, _json({"accepted": ledger.accepted_sample,
+                                 "rejected": ledger.rejected_sample}))
+    metrics = {"augment.generated": float(generated), "augment.valid": float(accepted),
+               "augment.invalid": float(generated - accepted),
+               "augment.synthetic_cap": float(min(cap, 10**9)),
+               "augment.seconds": round(time.monotonic() - t0, 3),
+               **ledger.metrics(), **stats.metrics()}
     info = {"enabled": cfg.enabled, "teacher_kind": cfg.teacher.kind,
-            "teacher": cfg.teacher.model, "seeds": [s.id for s in seeds]}
-    return writer.finish(records_in, generated=len(replies), metrics=metrics, info=info)
+            "teacher": cfg.teacher.model, "strategies": ledger.info(),
+            "quotas_requested": quotas, "seeds": sorted({s.id for v in plan.values() for s in v}),
+            "teacher_requests": dict(stats.counts)}
+    return writer.finish(records_in, generated=generated, metrics=metrics, info=info,
+                         outputs=[samples])
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, indent=1, ensure_ascii=False) + "\n"

@@ -84,20 +84,13 @@ PATCHES: tuple[Patch, ...] = (
         "tests/test_patches.py::test_lowercase_lemmas_let_presidio_context_words_score",
     ),
     Patch(
-        "distilabel", "1.5.3", "tasks.augment:_distilabel_logging",
-        "restores the root logger's handlers and level and the levels of distilabel.utils."
-        "logging._SILENT_LOGGERS after a pipeline; sets DISTILABEL_LOG_LEVEL=WARNING during it",
-        "distilabel's setup_logging clears the root handlers (Prefect's, pytest's) and silences "
-        "other libraries' loggers for good; its INFO is a line per batch",
-        "tests/test_patches.py::test_distilabel_logging_is_restored_after_its_setup",
-    ),
-    Patch(
-        "distilabel", "1.5.3", "tasks.augment:_generate_in_fresh_process",
-        "multiprocessing.set_start_method('fork', force=True) in the spawned interpreter before "
-        "distilabel starts its step processes",
-        "a spawned child inherits 'spawn', so each step process would import torch, transformers "
-        "and distilabel again (~20 s of the demo's augment stage)",
-        "tests/test_patches.py::test_distilabel_step_processes_follow_the_default_start_method",
+        "distilabel", "1.5.3", "tasks.augment_strategies:run_task",
+        "runs each strategy's distilabel Task through its own process(), outside a Pipeline, and "
+        "sets the distilabel.step logger to ERROR (a step made outside a Pipeline warns once)",
+        "the stage needs per-request resume, progress and its ledger in one process; a Pipeline "
+        "starts step subprocesses (fork-unsafe after torch threads) and keeps a batch cache",
+        "tests/test_augment_strategies.py::"
+        "test_every_strategy_generates_its_quota_and_the_ledger_adds_up",
     ),
     Patch(
         "ray", "2.60.0", "tasks.dedup_datatrove:_loopback_only",
@@ -165,6 +158,12 @@ PATCHES: tuple[Patch, ...] = (
         "loads lid.176 with the private fasttext.FastText._FastText, as datatrove's FT176LID does",
         "the same loader datatrove's language filter uses; in this build the public "
         "fasttext.load_model only wraps it, so either would do",
+        "tests/test_patches.py::test_fasttext_private_loader_loads_and_predicts",
+    ),
+    Patch(
+        "fasttext-numpy2-wheel", "0.9.2", "tasks.augment_validate:LanguageCheck",
+        "loads lid.176 with the private fasttext.FastText._FastText to check synthetic replies",
+        "as tasks.ingest:_load_fasttext, without importing datatrove into the augment stage",
         "tests/test_patches.py::test_fasttext_private_loader_loads_and_predicts",
     ),
     Patch(

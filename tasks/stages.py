@@ -105,7 +105,8 @@ def _curate(c: StageContext) -> Manifest:
 def _augment(c: StageContext) -> Manifest:
     from tasks.augment import run_augment
 
-    return run_augment(c.inputs[0], c.out, c.cfg.augment, home=c.home)
+    return run_augment(c.inputs[0], c.out, c.cfg.augment, home=c.home,
+                       base_model=c.cfg.train.base_model)
 
 
 def _train(c: StageContext) -> Manifest:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import inspect
-import logging
 import os
 import re
 import struct
@@ -231,48 +230,6 @@ def test_lowercase_lemmas_let_presidio_context_words_score() -> None:
     plain, context = "Our office: 650-253-0000.", "Our office PHONE: 650-253-0000."
     assert score(engine.analyzer, context) > score(engine.analyzer, plain)
     assert score(without, context) == score(without, plain)
-
-
-def test_distilabel_logging_is_restored_after_its_setup(monkeypatch: pytest.MonkeyPatch) -> None:
-    from distilabel import envs
-    from distilabel.utils.logging import _SILENT_LOGGERS, setup_logging
-
-    from tasks.augment import _distilabel_logging
-
-    monkeypatch.delenv("DISTILABEL_LOG_LEVEL", raising=False)
-    root = logging.getLogger()
-    marker = logging.NullHandler()
-    silent = logging.getLogger(_SILENT_LOGGERS[0])
-    saved = root.level, silent.level
-    root.addHandler(marker)
-    root.setLevel(logging.INFO)
-    silent.setLevel(logging.INFO)
-    try:
-        with _distilabel_logging():
-            assert envs.DISTILABEL_LOG_LEVEL == "WARNING"
-            setup_logging(log_queue=None)  # what every distilabel pipeline run calls
-            # distilabel still does what the patch undoes:
-            assert marker not in root.handlers and root.level == logging.WARNING
-            assert silent.level == logging.CRITICAL
-        assert marker in root.handlers and root.level == logging.INFO
-        assert silent.level == logging.INFO
-        assert "DISTILABEL_LOG_LEVEL" not in os.environ
-    finally:
-        root.removeHandler(marker)
-        root.setLevel(saved[0])
-        silent.setLevel(saved[1])
-
-
-def test_distilabel_step_processes_follow_the_default_start_method() -> None:
-    import multiprocessing.context as mpc
-
-    from distilabel.pipeline import local
-
-    # Its step pool's processes start through the default context, which the patch sets to fork.
-    assert "_NoDaemonPool(" in inspect.getsource(local.Pipeline)
-    assert local._NoDaemonContext().Process is local._NoDaemonProcess
-    assert issubclass(local._NoDaemonProcess, mpc.Process)
-    assert local._NoDaemonProcess._Popen is mpc.Process._Popen
 
 
 def test_ray_loopback_switch_gives_a_loopback_node_ip(monkeypatch: pytest.MonkeyPatch) -> None:
