@@ -17,12 +17,10 @@ import functools
 import hashlib
 import importlib.util
 import logging
-import multiprocessing
-import os
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -39,6 +37,7 @@ from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message
 from tasks.assets import ensure_lid_model
 from tasks.base_model import resolve_base_model
+from tasks.parallel import pool_or_here, worker_count
 from tasks.io import DEFAULT_LIMITS, Quarantined, ReadLimits, file_digest, iter_input
 from tasks.stage_dir import StageDir, StageWriter
 from tasks.words import (
@@ -474,7 +473,6 @@ REASONS = {
 
 
 CHUNK = 256  # records judged together (the batch filters' batch), in a worker or here
-MAX_AUTO_WORKERS = 8  # ingest.workers=0: one process per CPU up to this
 
 
 @dataclass
@@ -538,38 +536,14 @@ def _judge_in_worker(records: list[ChatSample]) -> tuple[list[Verdict], _Stats]:
     return judge(_worker_steps, records)
 
 
-def worker_count(requested: int) -> int:
-    """Filter processes for `ingest.workers`: 0 = the CPUs this process may use, up to
-    MAX_AUTO_WORKERS (this process then reads and writes for all of them)."""
-    if requested > 0:
-        return requested
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cpus or 1, MAX_AUTO_WORKERS))
-
-
 Submit = Callable[[list[ChatSample]], "Future[tuple[list[Verdict], _Stats]]"]
 
 
-@contextlib.contextmanager
-def _judging(steps: list[PipelineStep], workers: int) -> Iterator[tuple[Submit, int]]:
+def _judging(steps: list[PipelineStep], workers: int
+             ) -> contextlib.AbstractContextManager[tuple[Submit, int]]:
     """How chunks get judged: here (at once), or by a pool with up to `window` in flight."""
-    if workers == 1:
-        def here(records: list[ChatSample]) -> Future[tuple[list[Verdict], _Stats]]:
-            future: Future[tuple[list[Verdict], _Stats]] = Future()
-            future.set_result(judge(steps, records))
-            return future
-        yield here, 0
-        return
-    # fork: workers share the loaded models and start in milliseconds; spawn (where fork is
-    # missing) pickles the steps.
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(steps,))
-    try:
-        yield functools.partial(pool.submit, _judge_in_worker), 2 * workers
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    return pool_or_here(workers, functools.partial(judge, steps), _judge_in_worker,
+                        _init_worker, (steps,))
 
 
 def _chunks(inputs: str | Path | list[str], writer: StageWriter, seen: Counter[str],

@@ -7,12 +7,10 @@ import functools
 import ipaddress
 import json
 import logging
-import multiprocessing
-import os
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,13 +44,13 @@ from data_contracts.config import PiiConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
 from tasks.io import Quarantined, is_stage_dir, iter_input, read_records
+from tasks.parallel import done, pool_or_here, worker_count
 from tasks.stage_dir import StageDir, StageWriter, write_atomic
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_NAME = "redactions_sample.jsonl"
 CHUNK = 512  # records analysed together; bounds memory, keeps spaCy batches full
-MAX_AUTO_WORKERS = 8  # pii.workers=0: one process per CPU up to this
 
 PLACEHOLDERS = {
     "EMAIL_ADDRESS": "<EMAIL>", "PHONE_NUMBER": "<PHONE>", "CREDIT_CARD": "<CREDIT_CARD>",
@@ -565,39 +563,12 @@ def _analyze_in_worker(jobs: list[Job]) -> list[list[Finding]]:
     return analyze_jobs(get_engine(_worker_cfg), _worker_cfg, jobs)
 
 
-def worker_count(requested: int) -> int:
-    """Analysis processes for `pii.workers`: 0 = the CPUs this process may use, up to
-    MAX_AUTO_WORKERS (one process then reads, screens and writes for all of them)."""
-    if requested > 0:
-        return requested
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cpus or 1, MAX_AUTO_WORKERS))
-
-
-@contextlib.contextmanager
-def _analysis(engine: PiiEngine, cfg: PiiConfig) -> Iterator[tuple[Submit, int]]:
+def _analysis(engine: PiiEngine, cfg: PiiConfig
+              ) -> contextlib.AbstractContextManager[tuple[Submit, int]]:
     """How chunks get analysed: in this process (results at once), or in a pool of worker
     processes with up to `window` chunks in flight."""
-    workers = worker_count(cfg.workers)
-    if workers == 1:
-        yield (lambda jobs: _done(analyze_jobs(engine, cfg, jobs))), 0
-        return
-    # fork: workers share the built engine and start in milliseconds; spawn (where fork is
-    # missing) re-imports and rebuilds it in each worker.
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(cfg,))
-    try:
-        yield functools.partial(pool.submit, _analyze_in_worker), 2 * workers
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _done(value: list[list[Finding]]) -> Future[list[list[Finding]]]:
-    future: Future[list[list[Finding]]] = Future()
-    future.set_result(value)
-    return future
+    return pool_or_here(worker_count(cfg.workers), functools.partial(analyze_jobs, engine, cfg),
+                        _analyze_in_worker, _init_worker, (cfg,))
 
 
 Submit = Callable[[list[Job]], "Future[list[list[Finding]]]"]
@@ -626,7 +597,7 @@ def _submit(split: str, chunk: list[ChatSample], engine: PiiEngine, submit: Subm
             analysed.append(i)
     stats.texts_screened_out += len(texts) - len(jobs)
     stats.texts_analyzed += len(jobs)
-    return _Pending(split, chunk, texts, analysed, submit(jobs) if jobs else _done([]))
+    return _Pending(split, chunk, texts, analysed, submit(jobs) if jobs else done([]))
 
 
 def _redact(pending: _Pending, engine: PiiEngine, cfg: PiiConfig,
