@@ -271,7 +271,7 @@ AUGMENT_STRATEGIES = ("fresh_reply", "paraphrase", "self_instruct", "evolve", "d
                       "preference")
 
 
-class JudgeConfig(_Section):
+class SyntheticJudgeConfig(_Section):
     """LLM-as-judge (the teacher): a 1-5 rubric of relevance, accuracy and format."""
 
     enabled: bool = False
@@ -311,7 +311,7 @@ class AugmentConfig(_Section):
     json_schema: str = ""  # a JSON-schema file every reply must parse and satisfy; "": off
     # Word-5-gram Jaccard at which a row duplicates a real or an earlier synthetic row.
     near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    judge: SyntheticJudgeConfig = Field(default_factory=SyntheticJudgeConfig)
     sample_size: int = Field(20, ge=0)  # accepted and rejected rows in synthetic_samples.json
 
     @field_validator("strategies")
@@ -404,7 +404,7 @@ EVAL_METRICS = (
 )
 
 
-class JudgeConfig(_Section):
+class ReplyJudgeConfig(_Section):
     """LLM-as-judge: base and tuned reply to held-out prompts, the teacher endpoint picks the
     better reply (each pair twice, A/B swapped); the tuned model's win rate is reported."""
 
@@ -439,7 +439,7 @@ class EvaluateConfig(_Section):
     lm_eval_tasks: list[str] = Field(default_factory=list)
     lm_eval_include_path: str = ""  # a folder of your own lm-eval task YAMLs
     lm_eval_limit: int | None = Field(None, gt=0)  # at most this many documents per task
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    judge: ReplyJudgeConfig = Field(default_factory=ReplyJudgeConfig)
 
     @model_validator(mode="before")
     @classmethod

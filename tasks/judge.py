@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from data_contracts.config import JudgeConfig, TeacherConfig
+from data_contracts.config import ReplyJudgeConfig, TeacherConfig
 from data_contracts.records import ChatSample
 from tasks.stage_dir import write_atomic
 
@@ -87,7 +87,7 @@ def ask(teacher: TeacherConfig, prompt: str, timeout_s: float, retries: int = 2)
 
 
 def judge_models(models: dict[str, str], records: list[ChatSample], tokenizer: Any,
-                 cfg: JudgeConfig, teacher: TeacherConfig, out_file: Path,
+                 cfg: ReplyJudgeConfig, teacher: TeacherConfig, out_file: Path,
                  device: str) -> dict[str, Any]:
     """Base vs tuned replies judged by the teacher endpoint: the tuned model's win rate
     (wins + half the ties, over every judgment) with the counts; every judgment in out_file."""

@@ -14,7 +14,7 @@ import pytest
 from model_fixtures import support_chats, write_stage_dir
 from teacher_server import TeacherServer
 
-from data_contracts.config import AugmentConfig, JudgeConfig, TeacherConfig
+from data_contracts.config import AugmentConfig, SyntheticJudgeConfig, TeacherConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message
 from tasks.augment import run_augment, synthetic_cap, trim_quotas
@@ -76,7 +76,7 @@ def mixed(stage_dir: Path, server: TeacherServer, session_home: Path,
     cfg = AugmentConfig(
         strategies={"fresh_reply": 4, "paraphrase": 3, "evolve": 3, "self_instruct": 3,
                     "doc_qa": 3, "preference": 2},
-        judge=JudgeConfig(enabled=True, min_score=3),
+        judge=SyntheticJudgeConfig(enabled=True, min_score=3),
         teacher=TeacherConfig(kind="openai", model="fake-gpt", base_url=server.url,
                               api_key_env=KEY_ENV, max_new_tokens=24, backoff_s=0.05))
     out = tmp / "out"
