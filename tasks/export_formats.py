@@ -103,9 +103,13 @@ def write_merged(merged_dir: Path, dest: Path) -> Path:
 def portable_base_id(base_model: str) -> str:
     """A base id that means the same on another machine: a hub id as is, a local folder by its
     name (the model card says where it came from)."""
-    if base_model.startswith("builtin:"):
-        return base_model.split(":", 1)[1]
+    from tasks.base_model import BUILTIN_FILE, BUILTIN_PREFIX, TINY_NAME
+
+    if base_model.startswith(BUILTIN_PREFIX):
+        return base_model[len(BUILTIN_PREFIX):]
     if os.path.isabs(base_model) or os.path.exists(base_model):
+        if (Path(base_model) / BUILTIN_FILE).exists():  # <home>/models/tiny-llama-<digest>
+            return TINY_NAME
         return Path(base_model).name
     return base_model
 

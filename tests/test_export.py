@@ -201,7 +201,8 @@ def test_lmeval_tasks_run_on_a_copy(exported, tmp_path: Path) -> None:
     results = json.loads(next((tmp_path / "work" / "results").rglob("results_*.json")).read_text())
     ppl = results["results"]["ftflow_heldout_ppl"]["word_perplexity,none"]
     acc = results["results"]["ftflow_heldout_mc"]["acc,none"]
-    assert 1 < ppl < 1e6 and 0 <= acc <= 1
+    # a real score (the pretrained test base on held-out chats is ~1e6 word perplexity)
+    assert 1 < ppl < 1e9 and 0 <= acc <= 1
     assert results["n-samples"]["ftflow_heldout_ppl"]["effective"] == 6
 
 
