@@ -187,23 +187,31 @@ def test_a_tokenizer_llama_cpp_does_not_know_gets_a_clear_message(
 
 @pytest.mark.slow
 def test_lmeval_tasks_run_on_a_copy(exported, tmp_path: Path) -> None:
-    """The exported task folder and model, copied elsewhere, run with lm-eval's own CLI."""
+    """The exported task folder and model, copied elsewhere, run with lm-eval's own CLI and give
+    the scores they give where the export wrote them."""
     *_, out = exported
     shutil.copytree(out / "lm-eval", tmp_path / "tasks")
     shutil.copytree(out / "merged", tmp_path / "model")
     (tmp_path / "work").mkdir()
-    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", "pretrained=../model",
-           "--include_path", "../tasks", "--tasks", "ftflow_heldout_ppl,ftflow_heldout_mc",
-           "--device", "cpu", "--batch_size", "4", "--output_path", "results"]
-    proc = subprocess.run(cmd, cwd=tmp_path / "work", capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf")))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    results = json.loads(next((tmp_path / "work" / "results").rglob("results_*.json")).read_text())
-    ppl = results["results"]["ftflow_heldout_ppl"]["word_perplexity,none"]
-    acc = results["results"]["ftflow_heldout_mc"]["acc,none"]
-    # a real score (the pretrained test base on held-out chats is ~1e6 word perplexity)
-    assert 1 < ppl < 1e9 and 0 <= acc <= 1
-    assert results["n-samples"]["ftflow_heldout_ppl"]["effective"] == 6
+
+    def lm_eval(model: str, tasks: str, cwd: Path) -> dict:
+        cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+               f"pretrained={model}", "--include_path", tasks, "--tasks",
+               "ftflow_heldout_ppl,ftflow_heldout_mc", "--device", "cpu", "--batch_size", "4",
+               "--output_path", "results"]
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                              env=dict(os.environ, HF_DATASETS_CACHE=str(tmp_path / "hf")))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return json.loads(next((cwd / "results").rglob("results_*.json")).read_text())
+
+    copy = lm_eval("../model", "../tasks", tmp_path / "work")  # relative paths, on the copy
+    (tmp_path / "orig").mkdir()
+    orig = lm_eval(str(out / "merged"), str(out / "lm-eval"), tmp_path / "orig")
+    for task, metric in (("ftflow_heldout_ppl", "word_perplexity,none"),
+                         ("ftflow_heldout_mc", "acc,none")):
+        assert copy["results"][task][metric] == pytest.approx(orig["results"][task][metric],
+                                                              rel=1e-6), (task, metric)
+    assert copy["n-samples"]["ftflow_heldout_ppl"]["effective"] == 6
 
 
 def test_failed_gate_is_not_registered_unless_asked(tmp_path: Path, train_dir: Path) -> None:

@@ -136,9 +136,9 @@ def server_errors(home: Path) -> list[str]:
 
 # ------------------------------------------------------------------ one stack for the module
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, session_home: Path):
-    root = tmp_path_factory.mktemp("ops")
+def up_stack(root: Path, session_home: Path) -> SimpleNamespace:
+    """`ftflow up` as a user runs it: a new home (with the fastText asset the session fetched)
+    and a project folder outside the repository, on free ports."""
     home, cwd = root / "home", root / "project"
     (home / "assets").mkdir(parents=True)
     cwd.mkdir()
@@ -153,8 +153,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, session_home: Path):
     assert r.returncode == 0, r.stdout + r.stderr
     print(f"ftflow up: {time.monotonic() - started:.0f}s")
     st = recorded(home)
-    s = SimpleNamespace(home=home, cwd=cwd, env=env, ports=ports, state=st,
-                        api_url=st["prefect"]["api_url"], mlflow=st["mlflow"]["url"])
+    return SimpleNamespace(home=home, cwd=cwd, env=env, ports=ports, state=st,
+                           api_url=st["prefect"]["api_url"],
+                           prefect=st["prefect"]["api_url"].removesuffix("/api"),
+                           mlflow=st["mlflow"]["url"], started=started)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, session_home: Path):
+    s = up_stack(tmp_path_factory.mktemp("ops"), session_home)
+    env, cwd = s.env, s.cwd
     try:
         yield s
     finally:

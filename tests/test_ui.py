@@ -23,8 +23,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_operations import (REPO, api, deployment, free_port, ftflow, recorded, run_logs,
-                             user_env)
+from test_operations import REPO, api, deployment, ftflow, run_logs, up_stack
 
 pytestmark = [pytest.mark.operations, pytest.mark.slow]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -39,27 +38,13 @@ WAIT_MS = 60_000
 @pytest.fixture(scope="module")
 def ui_stack(tmp_path_factory: pytest.TempPathFactory, session_home: Path):
     root = tmp_path_factory.mktemp("ui")
-    home, cwd = root / "home", root / "project"
-    (home / "assets").mkdir(parents=True)
-    cwd.mkdir()
-    lid = session_home / "assets" / "lid.176.ftz"
-    if lid.exists():
-        shutil.copy(lid, home / "assets" / "lid.176.ftz")
-    env = user_env(home)
-    shutil.copytree(REPO / "sample_data", cwd / "sample_data")
-    shutil.copy(REPO / "configs" / "demo.yaml", cwd / "demo.yaml")
-    ports = [free_port(), free_port()]
-    started = time.monotonic()
-    r = ftflow("up", "--prefect-port", str(ports[0]), "--mlflow-port", str(ports[1]),
-               env=env, cwd=cwd, timeout=400)
-    assert r.returncode == 0, r.stdout + r.stderr
-    st = recorded(home)
-    s = SimpleNamespace(home=home, cwd=cwd, env=env, api_url=st["prefect"]["api_url"],
-                        prefect=st["prefect"]["api_url"].removesuffix("/api"),
-                        mlflow=st["mlflow"]["url"], shots=root / "screenshots")
+    s = up_stack(root, session_home)
+    env, cwd, started = s.env, s.cwd, s.started
+    s.shots = root / "screenshots"
     s.shots.mkdir()
     try:
-        print(f"ftflow up: {time.monotonic() - started:.0f}s")
+        shutil.copytree(REPO / "sample_data", cwd / "sample_data")
+        shutil.copy(REPO / "configs" / "demo.yaml", cwd / "demo.yaml")
         r = ftflow("run", "demo.yaml", *RUN, env=env, cwd=cwd, timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         print(f"ftflow run: {time.monotonic() - started:.0f}s")
