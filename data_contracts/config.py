@@ -26,7 +26,13 @@ MAX_WORKERS = 1024
 MAX_TIMEOUT_S = 30 * 24 * 3600
 
 
-class ConfigError(ValueError):
+class FinalError(Exception):
+    """A failure that running the stage again cannot fix (a bad setting, a refused model file,
+    an endpoint that refused us after its own retries): the flow does not retry the stage, and
+    the message, which names what to change, is logged without a traceback."""
+
+
+class ConfigError(ValueError, FinalError):
     """A config that cannot be used; the message names the key and what it expected."""
 
 

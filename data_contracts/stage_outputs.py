@@ -12,10 +12,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from data_contracts.config import FinalError
 from data_contracts.manifest import Manifest
 
 
-class StageOutputError(ValueError):
+class StageOutputError(ValueError, FinalError):
     """An earlier stage's manifest lacks a field that a later stage needs."""
 
 

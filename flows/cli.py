@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_contracts.config import ConfigError, default_home, load_config
+from data_contracts.config import ConfigError, FinalError, default_home, load_config
 from data_contracts.records import RecordError
-from data_contracts.stage_outputs import StageOutputError
-from tasks.augment_client import TeacherError
 from flows.env import quiet_offline_env
 from flows.preflight import PreflightError
 from flows.stack import apply_stack_env
@@ -376,16 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         for problem in err.problems:
             print(f"ftflow: error: {problem}", file=sys.stderr)
         return 2
-    except (ConfigError, RecordError, StageOutputError, FileNotFoundError, TeacherError) as err:
-        print(f"ftflow: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:
+    except (FinalError, RecordError, FileNotFoundError) as err:
         from tasks.tracking import TrackingUnavailable
 
-        if not isinstance(err, TrackingUnavailable):
-            raise
         print(f"ftflow: error: {err}", file=sys.stderr)
-        return 1
+        # 2: change something and run again; 1: the tracking server went away (run again as is)
+        return 1 if isinstance(err, TrackingUnavailable) else 2
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable
 
+from data_contracts.config import FinalError
+
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
@@ -40,7 +42,7 @@ MAX_RETRY_AFTER_S = 600.0
 Messages = list[dict[str, str]]
 
 
-class TeacherError(RuntimeError):
+class TeacherError(RuntimeError, FinalError):
     """The teacher could not answer after its retries (or was refused outright)."""
 
 

@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from data_contracts.config import FinalError
+
 SUPPORTED_ARCHS = {"LlamaForCausalLM"}
 QUANTS = ("f16", "q8_0")
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(ValueError, FinalError):
     """The model or tokenizer is one this writer cannot convert; the message says why."""
 
 

@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from data_contracts.config import FinalError
 from data_contracts.records import ChatSample
 from tasks.io import Quarantined, iter_input
 
@@ -39,7 +40,7 @@ SUFFIXES = (".bin", ".ftz")  # .ftz: quantized (smaller, slightly less accurate)
 TOKEN = re.compile(r"[^\W_]+|[^\w\s]")
 
 
-class QualityModelError(ValueError):
+class QualityModelError(ValueError, FinalError):
     """Training data or a model file that cannot give a usable classifier; says why."""
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import warnings
 
+from data_contracts.config import FinalError
+
 # (logger, level): INFO/WARNING lines each stage repeats that say nothing the stage's own line
 # does not.
 QUIET_LOGGERS = {
@@ -35,9 +37,30 @@ QUIET_WARNINGS = (
 )
 
 
+# Loggers that log a failed run's exception with its traceback: Prefect's task and flow engines.
+RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
+
+
+class _FinalErrorsInOneLine(logging.Filter):
+    """Drop the traceback from a log line about a FinalError: its message names the setting or
+    file to change, and the 40 lines of engine frames above it only hide that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], FinalError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_ONE_LINE = _FinalErrorsInOneLine()
+
+
 def quiet_library_noise() -> None:
-    """Apply QUIET_LOGGERS and QUIET_WARNINGS to this process."""
+    """Apply QUIET_LOGGERS and QUIET_WARNINGS to this process, and log FinalErrors in one line."""
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    for name in RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        if _ONE_LINE not in logger.filters:
+            logger.addFilter(_ONE_LINE)
     for message, category in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)

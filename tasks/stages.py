@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from data_contracts.config import PipelineConfig
+from data_contracts.config import FinalError, PipelineConfig
 from data_contracts.manifest import LedgerError, Manifest
 from tasks.io import is_stage_dir
 
@@ -184,6 +184,16 @@ def run_stage(s: StageSpec, ctx: StageContext) -> Manifest:
     return manifest
 
 
+def retry_unless_final(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition for a stage: a FinalError (a bad setting, a refused model file,
+    a teacher that refused us) fails the stage at once; anything else goes to its retries."""
+    try:
+        err = state.result(raise_on_failure=False)
+    except Exception:  # the state's result cannot be read back: keep the retry policy
+        return True
+    return not isinstance(err, FinalError)
+
+
 def stage_task(s: StageSpec, cfg: PipelineConfig) -> Any:
     """The Prefect task that runs a stage in the flow: every task option in one place."""
     from prefect import task
@@ -191,5 +201,6 @@ def stage_task(s: StageSpec, cfg: PipelineConfig) -> Any:
 
     # Content digests decide what reruns (tasks/stage_dir.py): Prefect's own cache stays off.
     return task(run_stage, name=s.name, task_run_name=s.name, retries=s.retries,
-                retry_delay_seconds=list(s.retry_delays_s), timeout_seconds=s.timeout_s(cfg),
+                retry_delay_seconds=list(s.retry_delays_s), retry_condition_fn=retry_unless_final,
+                timeout_seconds=s.timeout_s(cfg),
                 cache_policy=NO_CACHE, tags=["ftflow", f"ftflow-{s.command}"])

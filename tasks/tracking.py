@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from data_contracts.config import FinalError
 from data_contracts.manifest import Manifest
 from tasks.stage_dir import PRIVATE_FILES
 
@@ -54,7 +55,7 @@ MAX_BACKOFF_S = 30.0
 TRANSIENT_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(RuntimeError, FinalError):
     """The tracking server stayed unreachable for the whole retry window."""
 
 

@@ -3,6 +3,7 @@ and never stale, the held-out split carried, typed hand-offs, imports one way, v
 
 from __future__ import annotations
 
+import logging
 import ast
 import gzip
 from pathlib import Path
@@ -174,3 +175,55 @@ def test_duration_counts_from_the_stage_start_not_the_first_write(tmp_path: Path
     m = writer.finish(1)
     assert m.duration_s >= 0.3
     assert m.started_at == stage.started_at
+
+
+def _failing(err: BaseException, calls: list[int]) -> StageSpec:
+    def call(ctx: StageContext) -> Manifest:
+        calls.append(1)
+        raise err
+
+    return StageSpec("99-toy", "ingest", "run", (), "none", call, retries=1, retry_delays_s=(0,))
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("final", [True, False], ids=["final-error", "other-error"])
+def test_a_final_error_fails_the_stage_at_once_in_one_line(final: bool, tmp_path: Path) -> None:
+    """In a real Prefect flow: a FinalError (here ConfigError) is not retried and is logged
+    without a traceback; any other error keeps the stage's retries and its traceback."""
+    from prefect import flow
+
+    from data_contracts.config import ConfigError
+    from tasks.quiet import RUN_LOGGERS, quiet_library_noise
+    from tasks.stages import stage_task
+
+    quiet_library_noise()
+    err = ConfigError("train.base_model: no such folder") if final else RuntimeError("disk hiccup")
+    calls: list[int] = []
+    s, cfg = _failing(err, calls), PipelineConfig()
+
+    @flow(name="toy-final-error")
+    def toy() -> None:
+        stage_task(s, cfg)(s, StageContext(cfg, tmp_path / "out", ()))
+
+    seen = _Records()
+    for name in RUN_LOGGERS:
+        logging.getLogger(name).addHandler(seen)
+    try:
+        with pytest.raises(type(err)):
+            toy()
+    finally:
+        for name in RUN_LOGGERS:
+            logging.getLogger(name).removeHandler(seen)
+    assert len(calls) == (1 if final else 2)
+    about_it = [r for r in seen.records if str(err) in r.getMessage()]
+    assert about_it, "the error is logged by the run"
+    tracebacks = [r for r in about_it if r.exc_info]
+    assert (tracebacks == []) if final else tracebacks
