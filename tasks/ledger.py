@@ -20,11 +20,38 @@ def ledger_rows(manifests: dict[str, Manifest]) -> list[dict[str, Any]]:
             for name, m in manifests.items()]
 
 
+STRATEGY_COLUMNS = ("strategy", "quota", "generated", "accepted", "rejected", "rejected by reason")
+
+
+def strategy_rows(manifests: dict[str, Manifest]) -> list[dict[str, Any]]:
+    """The synthetic rows of each augment strategy: its quota, what the teacher generated, what
+    validation accepted, and what it rejected, by reason (from the augment stage's manifest)."""
+    rows = []
+    for m in manifests.values():
+        if m.stage != "augment":
+            continue
+        for name, v in (m.info.get("strategies") or {}).items():
+            reasons = v.get("rejected") or {}
+            rows.append({"strategy": name, "quota": v.get("quota", 0),
+                         "generated": v.get("generated", 0), "accepted": v.get("accepted", 0),
+                         "rejected": sum(reasons.values()),
+                         "rejected by reason": ", ".join(f"{k} {n}" for k, n in reasons.items())
+                         or "-"})
+    return rows
+
+
+def _table(columns: tuple[str, ...], rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
+    return lines + ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+
+
 def ledger_markdown(manifests: dict[str, Manifest]) -> str:
-    """The ledger as a markdown table."""
-    rows = ledger_rows(manifests)
-    lines = ["| " + " | ".join(LEDGER_COLUMNS) + " |", "|---" + "|---:" * 7 + "|"]
-    lines += ["| " + " | ".join(str(r[c]) for c in LEDGER_COLUMNS) + " |" for r in rows]
+    """The ledger as a markdown table; then, when the run augmented, a row per strategy."""
+    lines = _table(LEDGER_COLUMNS, ledger_rows(manifests))
+    strategies = strategy_rows(manifests)
+    if strategies:
+        lines += ["", "Synthetic rows by strategy (augment):", ""]
+        lines += _table(STRATEGY_COLUMNS, strategies)
     return "\n".join(lines)
 
 

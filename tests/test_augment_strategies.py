@@ -107,6 +107,24 @@ def test_every_strategy_generates_its_quota_and_the_ledger_adds_up(mixed: tuple)
         assert row["why"] and row["strategy"] in cfg.strategies
 
 
+
+def test_ledger_md_has_a_row_per_strategy(mixed: tuple) -> None:
+    """LEDGER.md and the model card (one builder) show each strategy's quota and outcome."""
+    from tasks.ledger import ledger_markdown
+
+    m, _, cfg = mixed
+    text = ledger_markdown({"05-augment": m})
+    table = text.split("Synthetic rows by strategy (augment):")[1]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.strip().splitlines()[2:]}
+    assert set(rows) == set(cfg.strategies)
+    for name, v in m.info["strategies"].items():
+        quota, generated, accepted, rejected, reasons = rows[name]
+        assert (int(quota), int(generated), int(accepted), int(rejected)) == (
+            v["quota"], v["generated"], v["accepted"], sum(v["rejected"].values()))
+        for reason, n in v["rejected"].items():
+            assert f"{reason} {n}" in reasons
+
 def test_synthetic_rows_carry_provenance_and_their_form(mixed: tuple, stage_dir: Path) -> None:
     m, out, _ = mixed
     real = {r.id: r for r in read_records(stage_dir)}
