@@ -35,8 +35,12 @@ $(FTFLOW_HOME)/assets/lid.176.ftz: | $(VENV)/.installed
 demo: setup
 	time $(BIN)/ftflow run configs/demo.yaml
 
+# Three pytest workers (pytest-xdist), one test module per worker at a time: the end-to-end
+# modules spend much of their time waiting on servers, schedulers and subprocesses, so a third
+# worker fills the two cores (TEST_WORKERS=0 runs everything in one process).
+TEST_WORKERS ?= 3
 test: setup chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The browser test (tests/test_ui.py) drives Debian's chromium through Playwright (Playwright's
 # own browser download needs the network); on a fresh Debian machine as root, install it.

@@ -51,6 +51,23 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def seed_home(home: Path, session_home: Path) -> Path:
+    """A new ftflow home holding what the session already built: the language-id model and the
+    builtin base (pretrained once per session), so that a test about something else does not
+    pretrain the base again (~40 CPU-seconds each). Returns ``home``."""
+    import shutil
+
+    from tasks.assets import ensure_lid_model
+    from tasks.base_model import resolve_base_model
+
+    ensure_lid_model(session_home)
+    with one_torch_thread():
+        base = Path(resolve_base_model("builtin:tiny-llama", session_home))
+    shutil.copytree(session_home / "assets", home / "assets", dirs_exist_ok=True)
+    shutil.copytree(base, home / "models" / base.name, dirs_exist_ok=True)
+    return home
+
+
 def write_stage_dir(out_dir: Path, train: list[ChatSample],
                     heldout: list[ChatSample] | tuple = ()) -> Path:
     """A finished stage dir (as dedup would write it) holding these train and heldout records."""

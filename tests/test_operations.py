@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from conftest import PG
+from model_fixtures import seed_home
 
 REPO = Path(__file__).resolve().parents[1]
 FTFLOW = Path(sys.executable).with_name("ftflow")  # the console script the install made
@@ -139,12 +140,8 @@ def server_errors(home: Path) -> list[str]:
 def up_stack(root: Path, session_home: Path) -> SimpleNamespace:
     """`ftflow up` as a user runs it: a new home (with the fastText asset the session fetched)
     and a project folder outside the repository, on free ports."""
-    home, cwd = root / "home", root / "project"
-    (home / "assets").mkdir(parents=True)
+    home, cwd = seed_home(root / "home", session_home), root / "project"
     cwd.mkdir()
-    lid = session_home / "assets" / "lid.176.ftz"
-    if lid.exists():
-        shutil.copy(lid, home / "assets" / "lid.176.ftz")
     env = user_env(home)
     ports = [free_port(), free_port()]
     started = time.monotonic()

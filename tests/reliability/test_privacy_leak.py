@@ -8,8 +8,12 @@ the PII stage): those may stay in `01-ingest` (the run folder, owner-only) and n
 
 Scanned: every stage directory after ingest (data, held-out files, evaluation task files, the
 model card), the curated dataset, MLflow's database and artifact store, and Prefect's home
-(its database: flow and task runs, artifacts, logs). Augment is off, training a few steps on the
-tiny model, as in the other end-to-end test.
+(its database: flow and task runs, artifacts, logs).
+
+The same run augments against a real OpenAI-compatible server on 127.0.0.1 that requires an
+API key (tests/teacher_server.py), and every byte of the ftflow home and of the command's
+output is searched for that key too: one `ftflow run` (the CLI in a subprocess, as a user runs
+it) serves both scans, training a few steps on the tiny model.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ import gzip
 import json
 import os
 import random
-import shutil
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from flows.pipeline import finetune_pipeline
+from model_fixtures import seed_home
+from teacher_server import TeacherServer
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -118,22 +125,34 @@ def scan_files(paths, values: list[str]) -> dict[str, list[str]]:
     return found
 
 
+KEY = "sk-live-SECRET-a81f2c9d4e7b"
+KEY_ENV = "FTFLOW_E2E_TEACHER_KEY"
+
+
 @pytest.fixture(scope="module")
 def leak_run(tmp_path_factory: pytest.TempPathFactory, session_home: Path) -> dict:
-    from tasks.assets import ensure_lid_model
-
-    ensure_lid_model(session_home)
-    home = tmp_path_factory.mktemp("leak-home")
-    shutil.copytree(session_home / "assets", home / "assets")
+    home = seed_home(tmp_path_factory.mktemp("leak-home"), session_home)
     inputs = write_inputs(tmp_path_factory.mktemp("leak-inputs"))
+    server = TeacherServer(tmp_path_factory.mktemp("teacher"), key=KEY).start()
     overrides = [f"run.home={home}", "run.experiment=leak", "run.name=leak",
-                 f"ingest.inputs={json.dumps([str(inputs)])}", "augment.enabled=false",
+                 f"ingest.inputs={json.dumps([str(inputs)])}",
+                 "augment.teacher.kind=openai", "augment.teacher.model=fake-gpt",
+                 f"augment.teacher.base_url={server.url}", f"augment.teacher.api_key_env={KEY_ENV}",
+                 "augment.strategies={fresh_reply: 4, evolve: 2}", "augment.judge.enabled=true",
                  "train.max_steps=4", "train.eval_steps=4", "train.save_steps=4",
                  "evaluate.max_samples=8", "export.model_name=ftflow-leak",
                  "export.register_if_gate_fails=true"]
-    out = finetune_pipeline(config_path=str(REPO / "configs" / "demo.yaml"),
-                            overrides=overrides, run_id="leak")
-    return {**out, "home": home}
+    env = {**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "PREFECT_HOME": str(home / "prefect")}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", "run",
+                               str(REPO / "configs" / "demo.yaml"), *overrides, "--run-id", "leak"],
+                              cwd=home.parent, env=env, capture_output=True, timeout=1500)
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    return {"run_dir": home / "runs" / "leak", "home": home, "proc": proc,
+            "teacher_requests": server.requests()}
 
 
 def _after_pii(out: dict) -> list[Path]:
@@ -185,5 +204,37 @@ def test_no_planted_value_in_mlflow_or_prefect(leak_run: dict) -> None:
         if hits:
             found[str(path)] = hits
     found.update(scan(home / "mlartifacts", values))
-    found.update(scan(Path(os.environ["PREFECT_HOME"]), values))
+    found.update(scan(home / "prefect", values))
     assert found == {}
+
+
+def _bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if path.name.endswith(".gz"):
+        try:
+            return raw + gzip.decompress(raw)
+        except OSError:
+            return raw
+    return raw
+
+
+def test_the_teacher_key_is_never_stored_or_printed(leak_run: dict) -> None:
+    """The key went to the teacher with every request and is nowhere in the home (MLflow's
+    database and artifacts, the run folder, Prefect's database and logs, the teacher cache)
+    nor in what the command printed; its variable's name may be recorded (it is config)."""
+    from data_contracts.manifest import Manifest
+
+    home, proc = Path(leak_run["home"]), leak_run["proc"]
+    statuses = [r["status"] for r in leak_run["teacher_requests"]]
+    assert statuses and set(statuses) == {200}  # the teacher was really used, with the key
+    augment = Manifest.read(Path(leak_run["run_dir"]) / "05-augment")
+    assert augment.info["strategies"]["fresh_reply"]["generated"] == 4
+    assert augment.metrics["augment.teacher.requests"] == len(statuses)
+    files = [p for p in home.rglob("*") if p.is_file()]
+    assert (home / "mlflow.db").exists() and (home / "prefect").exists()
+    assert any(p.name == "synthetic_samples.json" for p in (home / "mlartifacts").rglob("*"))
+    assert [str(p.relative_to(home)) for p in files if KEY.encode() in _bytes(p)] == []
+    assert KEY.encode() not in proc.stdout + proc.stderr
+    prefect_db = b"".join(_bytes(p) for p in (home / "prefect").rglob("*") if p.is_file())
+    # the generation progress artifact: rows done of total, rejections so far
+    assert re.search(rb"augment generation: 6 of 6 rows, rejected \d+", prefect_db)
