@@ -38,6 +38,7 @@ def test_pipeline_against_real_servers(tmp_path: Path, session_home: Path, pg_da
                "run.experiment=server-path", f"ingest.inputs={inputs}",
                "augment.enabled=false", "train.max_steps=10", "evaluate.max_samples=8",
                "export.model_name=ftflow-server", "export.register_if_gate_fails=true",
+               "export.gguf=[]",
                "--run-id", "server"]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

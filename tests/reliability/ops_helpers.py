@@ -32,10 +32,11 @@ def cli_env(prefect_home: Path, **extra: str) -> dict[str, str]:
 
 
 def small_run(home: Path, *extra: str, inputs: list[str] | None = None) -> list[str]:
-    """`ftflow run` of the demo config on one sample file, sized for a test."""
+    """`ftflow run` of the demo config on one sample file, sized for a test (no GGUF files:
+    tests/test_export.py covers them)."""
     return ftflow("run", str(REPO / "configs" / "demo.yaml"), f"run.home={home}",
                   f"ingest.inputs={json.dumps(inputs or [str(SAMPLE)])}",
-                  "augment.enabled=false", "evaluate.max_samples=8", *extra)
+                  "augment.enabled=false", "evaluate.max_samples=8", "export.gguf=[]", *extra)
 
 
 class MlflowServer:
