@@ -38,7 +38,7 @@ from datasketch import MinHash, MinHashLSH  # noqa: E402
 
 from data_contracts.config import DedupConfig  # noqa: E402
 from tasks.dedup import run_dedup  # noqa: E402
-from tasks.dedup_common import normalize_for_matching, shingles  # noqa: E402
+from tasks.dedup_sketch import normalize_for_matching, shingles  # noqa: E402
 from tasks.io import iter_input  # noqa: E402
 from tasks.stage_dir import StageWriter  # noqa: E402
 from common import bare_pass  # noqa: E402  (benchmarks/common.py)

@@ -211,8 +211,8 @@ class DedupConfig(_Section):
     # LSH looks for candidates down to this estimated Jaccard; each is then confirmed exactly
     # (lower = fewer pairs near `threshold` missed by MinHash noise, a little slower).
     candidate_threshold: float = Field(0.7, gt=0.0, le=1.0)
-    # local: in this process (datasketch LSH, above): the fastest on one machine, but it holds
-    # ~6.7 KB per record in memory. datatrove: datatrove's MinHash pipeline on this machine
+    # local: in this process (tasks/dedup_sketch.py, above): the fastest on one machine, but it
+    # holds its index in memory (~2.5 KB per record by tracemalloc). datatrove: datatrove's MinHash pipeline on this machine
     # (LocalPipelineExecutor), on disk, streaming; slurm / ray: the same pipeline on a cluster
     # (tasks/dedup_datatrove.py). The same records are removed, naming the same kept ones.
     # auto: local up to local_max_records records, datatrove above.

@@ -142,31 +142,27 @@ def check_schema(text: str, schema_path: str) -> str | None:
 
 class NearDuplicates:
     """Real rows and accepted synthetic rows, matched as dedup matches them (word 5-grams,
-    MinHash LSH candidates confirmed by the exact Jaccard)."""
+    MinHash LSH candidates confirmed by the exact Jaccard; tasks.dedup_sketch)."""
 
     def __init__(self, threshold: float, ngram: int = 5, num_perm: int = 128) -> None:
-        from datasketch import MinHashLSH
+        from tasks.dedup_sketch import BandLSH
 
         self.threshold, self.ngram, self.num_perm = threshold, ngram, num_perm
-        self.lsh = MinHashLSH(threshold=min(threshold, 0.7), num_perm=num_perm)
+        self.lsh = BandLSH(min(threshold, 0.7), num_perm)
         self.exact: dict[bytes, str] = {}
         self.grams: dict[str, Any] = {}
-
-    def _sig(self, text: str) -> tuple[bytes, Any, Any]:
-        from tasks.dedup_common import match_form, minhashes
-
-        key, grams = match_form(text, self.ngram)
-        return key, grams, minhashes([grams], self.num_perm)[0]
 
     def match(self, text: str) -> tuple[str, float] | None:
         """(id of the row it duplicates, Jaccard), or None."""
         from tasks.dedup_common import exact_jaccard
+        from tasks.dedup_sketch import sketch
 
-        key, grams, mh = self._sig(text)
+        sk = sketch([text], self.ngram, self.num_perm)
+        key, grams = sk.keys[0], sk.grams[0]
         if key in self.exact:
             return self.exact[key], 1.0
         best: tuple[str, float] | None = None
-        for rid in sorted(self.lsh.query(mh)):
+        for rid in sorted(self.lsh.query(self.lsh.band_keys(sk.sigs)[0])):
             j = exact_jaccard(grams, self.grams[rid])
             if j >= self.threshold and (best is None or j > best[1]):
                 best = (rid, j)
@@ -175,19 +171,20 @@ class NearDuplicates:
     def add(self, rid: str, text: str) -> None:
         self.add_many([(rid, text)])
 
-    def add_many(self, rows: list[tuple[str, str]], chunk: int = 4096) -> None:
-        """Index rows (id, text); MinHashes computed in bulk (the real data: many rows)."""
-        from tasks.dedup_common import match_form, minhashes
+    def add_many(self, rows: list[tuple[str, str]], chunk: int = 1024) -> None:
+        """Index rows (id, text); signatures computed a batch at a time (the real data: many
+        rows)."""
+        from tasks.dedup_sketch import sketch
 
         rows = [(rid, text) for rid, text in dict(rows).items() if rid not in self.grams]
         for i in range(0, len(rows), chunk):
             part = rows[i:i + chunk]
-            forms = [match_form(text, self.ngram) for _, text in part]
-            hashes = minhashes([g for _, g in forms], self.num_perm)
-            for (rid, _), (key, grams), mh in zip(part, forms, hashes):
+            sk = sketch([text for _, text in part], self.ngram, self.num_perm)
+            for (rid, _), key, grams, bands in zip(part, sk.keys, sk.grams,
+                                                   self.lsh.band_keys(sk.sigs), strict=True):
                 self.exact.setdefault(key, rid)
                 self.grams[rid] = grams
-                self.lsh.insert(rid, mh)
+                self.lsh.insert(rid, bands)
 
 
 JUDGE_RUBRIC = (

@@ -16,6 +16,7 @@ from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
 from tasks.dedup_common import CorpusIndex, stream_input
 from tasks.dedup_local import run_dedup_local
+from tasks.dedup_sketch import SCHEME
 from tasks.io import is_stage_dir
 from tasks.stage_dir import StageDir
 
@@ -65,7 +66,8 @@ def run_dedup(input_path: str | Path, out_dir: str | Path, cfg: DedupConfig, *,
     else:
         cfg, why = resolve_executor(input_path, cfg)
     shards = {"corpus": ",".join(p.parent.name for p in corpus)} if corpus is not None else {}
-    stage = StageDir(out_dir, "dedup", f"{cfg.digest()}:seed={seed}", input_path,
+    # SCHEME: a stage matched with other hashes (and its persisted index) is out of date.
+    stage = StageDir(out_dir, "dedup", f"{cfg.digest()}:seed={seed}:{SCHEME}", input_path,
                      extra_digests=shards)
     if (done := stage.finished()) is not None:
         return done

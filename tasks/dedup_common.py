@@ -2,10 +2,11 @@
 stage's output, so that the in-process engine (tasks.dedup_local) and datatrove's
 (tasks.dedup_datatrove) remove the same records, naming the same kept ones.
 
-Here: the text form records are matched on (normalize_for_matching, word shingles and their
-CRC-32), the exact key and exact Jaccard, the held-out carve, the decisions (exact, near,
-eval contamination; every candidate confirmed by the exact Jaccard), the input stream with
-each record's origin, and write_stage, which writes the stage directory.
+Here: the Signature of a record (its text form, from tasks.dedup_sketch: exact key, shingle
+hashes, MinHash signature and LSH bands), the exact Jaccard, the held-out carve, the decisions
+(exact, near, eval contamination; every candidate confirmed by the exact Jaccard), the input
+stream with each record's origin, write_stage, which writes the stage directory, and the
+persisted index of a stage's kept records (save_index, CorpusIndex).
 """
 
 from __future__ import annotations
@@ -14,38 +15,22 @@ import hashlib
 import heapq
 import logging
 import math
-import re
-import zlib
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from data_contracts.config import DedupConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample
+from data_contracts.stage_outputs import StageOutputError
+from tasks.dedup_sketch import SCHEME, BandLSH, sketch
 from tasks.io import Quarantined, is_stage_dir, iter_input, read_records
 from tasks.stage_dir import StageDir
 
 logger = logging.getLogger(__name__)
-
-_PUNCT = re.compile(r"[^\w\s]")
-
-
-def normalize_for_matching(text: str) -> str:
-    """Lowercase, drop punctuation, collapse whitespace: the form exact dedup compares."""
-    return " ".join(_PUNCT.sub("", text.lower()).split())
-
-
-def shingles(normalized: str, n: int) -> set[bytes]:
-    """Word n-grams; a text shorter than n words is one shingle."""
-    words = normalized.split()
-    if len(words) <= n:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i:i + n]).encode() for i in range(len(words) - n + 1)}
 
 
 @dataclass
@@ -56,38 +41,17 @@ class Signature:
     origin: str  # "train" or "heldout": where the record was read from
     holdable: bool  # may be carved into the held-out split (see can_hold_out)
     key: bytes  # digest of the normalized text
-    minhash: LeanMinHash | None  # None when candidates come from elsewhere (datatrove clusters)
     grams: np.ndarray  # sorted 32-bit hashes of its shingles, for the exact Jaccard (4 B each)
-
-
-def shingle_hashes(grams: set[bytes]) -> np.ndarray:
-    """Sorted unique CRC-32 of each shingle: deterministic, and ~10x cheaper than datasketch's
-    default sha1_hash32 (same 32-bit width, so no more collisions than MinHash already has)."""
-    return np.unique(np.fromiter(map(zlib.crc32, grams), dtype=np.uint32, count=len(grams)))
-
-
-def crc32_hash(shingle: bytes) -> int:
-    """The shingle hash as a datasketch `hashfunc`: MinHash(hashfunc=crc32_hash) == ours."""
-    return zlib.crc32(shingle)
-
-
-def minhashes(grams: list[np.ndarray], num_perm: int) -> list[MinHash]:
-    """datasketch's MinHash of each record's shingle hashes, as both engines compute it, so that
-    datatrove's buckets are the in-process LSH bands. The shingles are hashed already: int()
-    hands their CRC-32 to MinHash as is. MinHash.bulk's permutations depend on num_perm, not
-    only on how many values are used."""
-    return MinHash.bulk([g.tolist() for g in grams], num_perm=num_perm, hashfunc=int)
+    # MinHash signature (num_perm uint32) and its LSH bands; None when candidates come from
+    # elsewhere (datatrove's clusters)
+    sig: np.ndarray | None = None
+    bands: list[bytes] | None = None
 
 
 def can_hold_out(rec: ChatSample) -> bool:
     """Chats and preference pairs can be held out (evaluation scores their replies); plain
     text has no reply to score and always stays in training."""
     return rec.kind in ("chat", "preference")
-
-
-def exact_key(normalized: str) -> bytes:
-    """Digest of a normalized text: records with equal keys are exact duplicates."""
-    return hashlib.blake2b(normalized.encode(), digest_size=16).digest()
 
 
 def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -108,16 +72,17 @@ def stream_input(input_path: str | Path | list[str]
 
 def match_form(text: str, ngram: int) -> tuple[bytes, np.ndarray]:
     """What matching compares of a text, in either engine: its exact key and its sorted shingle
-    hashes (normalized, word n-grams, CRC-32)."""
-    norm = normalize_for_matching(text)
-    return exact_key(norm), shingle_hashes(shingles(norm, ngram))
+    hashes (tasks.dedup_sketch: normalized, word n-grams, hashed)."""
+    one = sketch([text], ngram)
+    return one.keys[0], one.grams[0]
 
 
-def text_sig(rid: str, text: str, ngram: int) -> Signature:
-    """A record's exact key and shingle hashes without a MinHash: for records whose candidate
-    duplicates were found elsewhere (datatrove's clusters)."""
-    key, grams = match_form(text, ngram)
-    return Signature(rid, "", False, key, None, grams)
+def text_sigs(members: list[tuple[str, str]], ngram: int) -> list[Signature]:
+    """Exact keys and shingle hashes of (id, text) records without a MinHash: for records whose
+    candidate duplicates were found elsewhere (datatrove's clusters)."""
+    sk = sketch([text for _, text in members], ngram)
+    return [Signature(rid, "", False, key, grams)
+            for (rid, _), key, grams in zip(members, sk.keys, sk.grams, strict=True)]
 
 
 class HeldoutCarver:
@@ -175,7 +140,7 @@ class _Index:
     use_lsh: bool = True
     exact: dict[bytes, int] = field(default_factory=dict)
     grams: dict[int, np.ndarray] = field(default_factory=dict)
-    lsh: MinHashLSH | None = None
+    lsh: BandLSH | None = None
 
     def __post_init__(self) -> None:
         if self.use_lsh:
@@ -186,7 +151,7 @@ class _Index:
         if sig.key in self.exact:
             return "exact", self.exact[sig.key], 1.0
         best: tuple[int, float] | None = None
-        candidates = self.lsh.query(sig.minhash) if self.lsh is not None else self.grams
+        candidates = self.lsh.query(sig.bands) if self.lsh is not None else self.grams
         for idx in sorted(candidates):  # sorted: ties go to the first seen
             j = exact_jaccard(sig.grams, self.grams[idx])
             if j >= self.cfg.threshold and (best is None or j > best[1]):
@@ -197,7 +162,7 @@ class _Index:
         self.exact[sig.key] = idx
         self.grams[idx] = sig.grams
         if self.lsh is not None:
-            self.lsh.insert(idx, sig.minhash)
+            self.lsh.insert(idx, sig.bands)
 
 
 Decision = tuple[str, int, float] | None  # (kind, dup_of index, jaccard), None = keep
@@ -208,10 +173,10 @@ def candidate_floor(cfg: DedupConfig) -> float:
     return min(cfg.candidate_threshold, cfg.threshold)
 
 
-def candidate_lsh(cfg: DedupConfig) -> MinHashLSH:
-    """An empty LSH banded for cfg (its b bands x r rows): the in-process candidate index, and
-    the banding datatrove's buckets copy."""
-    return MinHashLSH(threshold=candidate_floor(cfg), num_perm=cfg.num_perm)
+def candidate_lsh(cfg: DedupConfig) -> BandLSH:
+    """An empty LSH banded for cfg (datasketch MinHashLSH's bands x rows at the candidate
+    floor): the in-process candidate index, and the banding datatrove's buckets copy."""
+    return BandLSH(candidate_floor(cfg), cfg.num_perm)
 
 
 def stage_info(cfg: DedupConfig, *, seed: int, reused: bool, executor_choice: str) -> dict:
@@ -274,25 +239,50 @@ def write_stage(input_path: str | Path, stage: StageDir, heldout_idx: set[int],
 
 
 INDEX_NAME = "dedup-index.npz"
+# 1 (unversioned, before SCHEME): CRC-32 shingle hashes and datasketch MinHash objects' values.
+# 2: SCHEME's shingle hashes and uint32 signatures, with `format` and `scheme` fields.
+INDEX_FORMAT = 2
+
+
+class IndexFormatError(StageOutputError):
+    """A persisted dedup index this version cannot match against (its format, hash scheme or
+    n-gram/permutation settings differ): comparing it would silently miss duplicates."""
 
 
 def save_index(path: Path, sigs: list[Signature], splits: list[str], cfg: DedupConfig) -> None:
-    """The kept records' signatures (ids, split, exact keys, shingle hashes, MinHashes): what a
-    later incremental run dedups its new records against without re-reading these records."""
+    """The kept records' signatures (ids, split, exact keys, shingle hashes, MinHash
+    signatures): what a later incremental run dedups its new records against without re-reading
+    these records. Format INDEX_FORMAT, hash scheme SCHEME (tasks.dedup_sketch)."""
     offsets = np.cumsum([0] + [s.grams.size for s in sigs])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial.npz")
     np.savez_compressed(
-        tmp, ids=np.array([s.id for s in sigs], dtype=object),
+        tmp, format=np.array(INDEX_FORMAT), scheme=np.array(SCHEME),
+        params=np.array([cfg.ngram, cfg.num_perm]),
+        ids=np.array([s.id for s in sigs], dtype=object),
         splits=np.array(splits, dtype=object),
         keys=np.array([s.key for s in sigs], dtype="S16"),
         grams=np.concatenate([s.grams for s in sigs]) if sigs else np.zeros(0, np.uint32),
         offsets=offsets,
-        minhashes=(np.stack([s.minhash.hashvalues for s in sigs]) if sigs
-                   else np.zeros((0, cfg.num_perm), np.uint64)),
-        params=np.array([cfg.ngram, cfg.num_perm]),
-        scheme=np.array(sigs[0].minhash.scheme if sigs else ""))
+        signatures=(np.stack([s.sig for s in sigs]) if sigs
+                    else np.zeros((0, cfg.num_perm), np.uint32)))
     tmp.replace(path)
+
+
+def check_index(path: Path, data: Mapping[str, np.ndarray], cfg: DedupConfig) -> None:
+    """Raise IndexFormatError, one line saying to rebuild, unless the index at `path` was
+    written in this version's format and hash scheme with cfg's ngram and num_perm."""
+    rebuild = "rebuild the curated dataset with a full run (ftflow run)"
+    found = int(data["format"]) if "format" in data else 1
+    if found != INDEX_FORMAT:
+        raise IndexFormatError(f"{path}: dedup index format {found} (written by an earlier "
+                               f"ftflow), this version reads format {INDEX_FORMAT}; {rebuild}")
+    if str(data["scheme"]) != SCHEME:
+        raise IndexFormatError(f"{path}: dedup index hashed with {str(data['scheme'])!r}, not "
+                               f"{SCHEME!r}; {rebuild}")
+    if tuple(data["params"]) != (cfg.ngram, cfg.num_perm):
+        raise IndexFormatError(f"{path}: built with ngram/num_perm {tuple(data['params'])}, not "
+                               f"({cfg.ngram}, {cfg.num_perm}); {rebuild}")
 
 
 class CorpusIndex:
@@ -308,19 +298,15 @@ class CorpusIndex:
         return len(self.ids)
 
     def add_file(self, path: Path) -> None:
-        """Add one persisted index file (save_index) of the same ngram and num_perm."""
+        """Add one persisted index file (save_index) of this format, scheme, ngram, num_perm."""
         data = np.load(path, allow_pickle=True)
-        if tuple(data["params"]) != (self.cfg.ngram, self.cfg.num_perm):
-            raise ValueError(f"{path}: built with ngram/num_perm {tuple(data['params'])}, not "
-                             f"({self.cfg.ngram}, {self.cfg.num_perm}); rebuild the curated "
-                             "dataset with a full run")
+        check_index(path, data, self.cfg)
         # Each npz member is decompressed on every access: read each one once.
-        offsets, scheme = data["offsets"], str(data["scheme"])
-        all_grams, hashvalues = data["grams"], data["minhashes"]
+        offsets, all_grams, signatures = data["offsets"], data["grams"], data["signatures"]
+        bands = self.train.lsh.band_keys(signatures)
         for j, (rid, split, key) in enumerate(zip(data["ids"], data["splits"], data["keys"])):
             grams = all_grams[offsets[j]:offsets[j + 1]]
-            mh = LeanMinHash(seed=1, hashvalues=hashvalues[j], scheme=scheme)
-            sig = Signature(str(rid), str(split), False, bytes(key), mh, grams)
+            sig = Signature(str(rid), str(split), False, bytes(key), grams, signatures[j], bands[j])
             index = self.heldout if split == "heldout" else self.train
             index.add(len(self.ids), sig)
             self.ids.append(str(rid))

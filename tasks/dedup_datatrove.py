@@ -23,8 +23,9 @@ datatrove's four MinHash steps on the executor `dedup.executor` names:
 num_perm -> MinhashConfig: datatrove's LSH is num_buckets bands of hashes_per_bucket hashes.
 We take the bands x rows datasketch's MinHashLSH picks for num_perm at the candidate floor
 min(candidate_threshold, threshold), i.e. the in-process banding (num_perm 128 at 0.7: 14 x 9,
-126 hashes used), and the in-process hash values themselves (datasketch's 32-bit MinHash on the
-same shingle hashes), so two records share a bucket exactly when the in-process LSH pairs them.
+126 hashes used), and the in-process signatures themselves (tasks.dedup_sketch: datasketch's
+32-bit MinHash on the same shingle hashes), so two records share a bucket exactly when the
+in-process LSH pairs them.
 With datatrove's own permutations the two paths missed different pairs (the LSH misses ~4% of
 pairs at Jaccard 0.84), and removed different records. Candidates are then confirmed at
 `threshold` exactly, as in process.
@@ -74,12 +75,12 @@ from tasks.dedup_common import (
     candidate_lsh,
     decide,
     match_form,
-    minhashes,
     stage_info,
     stream_input,
-    text_sig,
+    text_sigs,
     write_stage,
 )
+from tasks.dedup_sketch import minhash_matrix
 from tasks.stage_dir import StageDir
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ Member = tuple[int, str, str]  # (stream position, record id, text) of one clust
 def minhash_config(cfg: DedupConfig) -> MinhashConfig:
     """datatrove's LSH for cfg: num_perm as the bands x rows datasketch uses in process."""
     lsh = candidate_lsh(cfg)
-    return MinhashConfig(n_grams=cfg.ngram, num_buckets=lsh.b, hashes_per_bucket=lsh.r,
+    return MinhashConfig(n_grams=cfg.ngram, num_buckets=lsh.bands, hashes_per_bucket=lsh.rows,
                          hash_config=HashConfig(precision=32))  # datasketch's hash width
 
 
@@ -114,10 +115,11 @@ class ShingleSignature(MinhashDedupSignature):
         return grams.astype(np.uint64).reshape(-1, 1)
 
     def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
-        """The bands of the in-process MinHash: datasketch's num_perm hash values, of which the
-        first num_buckets x hashes_per_bucket, as MinHashLSH cuts them into bands."""
-        (mh,) = minhashes([shingles.ravel()], self.num_perm)  # as the in-process engine does
-        used = mh.hashvalues[: self.num_hashes].astype(self.config.hash_config.np_dtype)
+        """The bands of the in-process signature: its num_perm hash values, of which the first
+        num_buckets x hashes_per_bucket, as the in-process LSH cuts them into bands."""
+        grams = shingles.ravel()
+        (sig,) = minhash_matrix(grams, np.array([0, grams.size]), self.num_perm)
+        used = sig[: self.num_hashes].astype(self.config.hash_config.np_dtype)
         return [band.tolist() for band in np.split(used, self.config.num_buckets)]
 
 
@@ -432,7 +434,7 @@ def decide_clusters(clusters: Iterable[list[Member]], heldout_idx: set[int],
     n_clusters = n_members = 0
     for members in clusters:
         n_clusters, n_members = n_clusters + 1, n_members + len(members)
-        sigs = [text_sig(rid, text, cfg.ngram) for _, rid, text in members]
+        sigs = text_sigs([(rid, text) for _, rid, text in members], cfg.ngram)
         local_heldout = {j for j, (idx, _, _) in enumerate(members) if idx in heldout_idx}
         for j, decision in decide(sigs, local_heldout, cfg, use_lsh=False).items():
             if decision is not None:

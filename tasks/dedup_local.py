@@ -1,12 +1,11 @@
-"""Stage 3 in process (dedup.executor: local): datasketch MinHashes of every record in memory,
-candidates from an LSH over them, decided and written by tasks.dedup_common."""
+"""Stage 3 in process (dedup.executor: local): every record's signature in memory (its text form
+computed a batch at a time by tasks.dedup_sketch), candidates from an LSH over them, decided and
+written by tasks.dedup_common."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-from datasketch import LeanMinHash
 
 from data_contracts.config import DedupConfig
 from data_contracts.manifest import Manifest
@@ -18,34 +17,40 @@ from tasks.dedup_common import (
     Removal,
     Signature,
     can_hold_out,
+    candidate_lsh,
     decide,
-    match_form,
-    minhashes,
     save_index,
     stage_info,
     stream_input,
     write_stage,
 )
+from tasks.dedup_sketch import sketch
 from tasks.stage_dir import StageDir
 
-BATCH = 1024  # records per MinHash.bulk call
+BATCH = 1024  # records per sketch() call at most
+BATCH_CHARS = 1_000_000  # and text characters (its numpy arrays take ~50 bytes per character)
 
 
 def signatures(items: Iterable[tuple[str, ChatSample]], cfg: DedupConfig) -> Iterator[Signature]:
-    """The Signature of each (origin, record), with its MinHash, in input order."""
-    batch: list[tuple[str, ChatSample]] = []
+    """The Signature of each (origin, record), with its MinHash and LSH bands, in input order."""
+    lsh = candidate_lsh(cfg)
+    batch: list[tuple[str, str, bool, str]] = []  # (id, origin, holdable, text)
+    chars = 0
 
     def flush() -> Iterator[Signature]:
-        forms = [match_form(rec.joined_text(), cfg.ngram) for _, rec in batch]
-        hashes = minhashes([grams for _, grams in forms], cfg.num_perm)
-        for (origin, rec), (key, grams), mh in zip(batch, forms, hashes, strict=True):
-            yield Signature(rec.id, origin, can_hold_out(rec), key, LeanMinHash(mh), grams)
+        sk = sketch([text for *_, text in batch], cfg.ngram, cfg.num_perm)
+        bands = lsh.band_keys(sk.sigs)
+        for (rid, origin, holdable, _), key, grams, sig, band in zip(
+                batch, sk.keys, sk.grams, sk.sigs, bands, strict=True):
+            yield Signature(rid, origin, holdable, key, grams, sig, band)
 
-    for item in items:
-        batch.append(item)
-        if len(batch) >= BATCH:
+    for origin, rec in items:
+        text = rec.joined_text()
+        batch.append((rec.id, origin, can_hold_out(rec), text))
+        chars += len(text)
+        if len(batch) >= BATCH or chars >= BATCH_CHARS:
             yield from flush()
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield from flush()
 

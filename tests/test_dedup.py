@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
+import pytest
 from datasketch import MinHash
 
 from model_fixtures import write_stage_dir as _stage_dir
@@ -14,15 +18,11 @@ from model_fixtures import write_stage_dir as _stage_dir
 from data_contracts.config import DedupConfig
 from data_contracts.manifest import Manifest
 from data_contracts.records import ChatSample, Message
+from data_contracts.stage_outputs import StageOutputError
 from tasks.dedup import run_dedup
-from tasks.dedup_common import (
-    crc32_hash,
-    exact_jaccard,
-    normalize_for_matching,
-    shingle_hashes,
-    shingles,
-)
+from tasks.dedup_common import INDEX_FORMAT, INDEX_NAME, IndexFormatError, exact_jaccard
 from tasks.dedup_local import signatures
+from tasks.dedup_sketch import SCHEME, normalize_for_matching, shingle_hash, shingles, sketch
 from tasks.io import read_records
 
 VOCAB = [f"w{i}" for i in range(400)] + "the a of to and in on for with data model".split()
@@ -182,8 +182,9 @@ def _true_jaccard(a: list[str], b: list[str]) -> float:
 
 
 def _estimate(a: list[str], b: list[str]) -> float:
-    """The MinHash estimate of the same, as the stage computes it (128 permutations, CRC-32)."""
-    ma, mb = (MinHash(num_perm=128, hashfunc=crc32_hash) for _ in range(2))
+    """The MinHash estimate of the same, as the stage computes it (128 permutations, its
+    shingle hash)."""
+    ma, mb = (MinHash(num_perm=128, hashfunc=shingle_hash) for _ in range(2))
     for mh, words in ((ma, a), (mb, b)):
         for g in shingles(normalize_for_matching(_chat("x", words).joined_text()), 5):
             mh.update(g)
@@ -194,8 +195,8 @@ def test_decisions_use_the_exact_jaccard_not_the_minhash_estimate(tmp_path: Path
     # bench_dedup found pairs at true J 0.85-0.9 kept because the MinHash estimate (+-0.03)
     # fell under the threshold. These two pairs sit on either side of 0.8 with the estimate
     # on the wrong side, so only an exact confirmation gets both right.
-    above, above_near = _edited(142, 3)
-    below, below_near = _edited(16, 4)
+    above, above_near = _edited(16, 3)
+    below, below_near = _edited(943, 4)
     true_above, true_below = _true_jaccard(above, above_near), _true_jaccard(below, below_near)
     assert true_above > 0.82 and _estimate(above, above_near) < 0.8
     assert true_below < 0.78 and _estimate(below, below_near) > 0.84
@@ -208,20 +209,32 @@ def test_decisions_use_the_exact_jaccard_not_the_minhash_estimate(tmp_path: Path
     assert set(removed) == {"above-near"} and removed["above-near"]["dup_of"] == "above"
     assert removed["above-near"]["jaccard"] == round(true_above, 4)
     assert _ids(out) == ["above", "below", "below-near"]
-    assert exact_jaccard(shingle_hashes({b"a", b"b", b"c"}), shingle_hashes({b"b", b"c"})) == 2 / 3
+    grams = sketch(["a b c d e f g", "b c d e f g"], 5).grams
+    assert exact_jaccard(*grams) == 2 / 3
+
+
+ODD_TEXTS = ["", "  !!! ", "Hello, World!", "a b c d e", "a b c d e f", "one",
+             "Ünïcode café — naïve “quotes”, ǅ İstanbul Straße x y z",
+             "tabs\tand\x1fcontrol\x0bspaces it's  (parens) [1] snake_case 3.14",
+             "日本語の文 と English mixed, with 数字 123 and emoji 🙂 ok"]
 
 
 def test_signatures_equal_datasketch_minhash_updated_per_shingle():
-    # The stage hashes each shingle once (CRC-32) and feeds MinHash.bulk the integers; that must
-    # be the very signature of the textbook MinHash(hashfunc=crc32_hash).update loop.
-    recs = [("train", _chat(f"r{i}", _words(i, 60))) for i in range(3)]
+    # The stage computes a batch's shingle hashes and MinHashes in numpy (tasks.dedup_sketch);
+    # each must be the very signature of the textbook datasketch loop on the plain-Python
+    # definitions: MinHash(hashfunc=shingle_hash).update per shingle of the normalized text.
+    texts = ODD_TEXTS + [" ".join(_words(i, 60)) for i in range(3)] + ODD_TEXTS[::-1]
+    recs = [("train", _chat(f"r{i}", t)) for i, t in enumerate(texts)]
+    recs.append(("train", ChatSample(id="doc", text="Plain text, no reply.")))
     for (_, rec), sig in zip(recs, signatures(recs, NO_SPLIT), strict=True):
-        mh = MinHash(num_perm=NO_SPLIT.num_perm, hashfunc=crc32_hash)
         norm = normalize_for_matching(rec.joined_text())
-        for g in shingles(norm, NO_SPLIT.ngram):
+        grams = shingles(norm, NO_SPLIT.ngram)
+        mh = MinHash(num_perm=NO_SPLIT.num_perm, hashfunc=shingle_hash)
+        for g in grams:
             mh.update(g)
-        assert (sig.minhash.hashvalues == mh.hashvalues).all()
-        assert sig.grams.size == len(shingles(norm, NO_SPLIT.ngram))
+        assert (sig.sig == mh.hashvalues).all()
+        assert sig.grams.tolist() == sorted({shingle_hash(g) for g in grams})
+        assert sig.key == hashlib.blake2b(norm.encode(), digest_size=16).digest()
 
 
 def test_manifest_duration_covers_the_whole_stage(tmp_path: Path):
@@ -235,3 +248,132 @@ def test_manifest_duration_covers_the_whole_stage(tmp_path: Path):
     wall = time.monotonic() - t0
     # Everything but resolving the executor from the input's manifest is inside the stage.
     assert m.duration_s >= 0.8 * wall
+
+
+def _prose_paragraphs(min_words: int = 30) -> list[str]:
+    """Real prose: docstring paragraphs of a few standard-library modules."""
+    import ast
+    import re
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out: list[str] = []
+    for name in ("argparse.py", "subprocess.py", "typing.py", "tarfile.py", "pathlib.py",
+                 "logging/__init__.py", "collections/__init__.py", "dataclasses.py", "shutil.py",
+                 "threading.py", "inspect.py", "functools.py", "zipfile.py", "os.py",
+                 "unittest/case.py", "http/client.py", "email/message.py", "asyncio/events.py"):
+        tree = ast.parse((stdlib / name).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
+                for block in re.split(r"\n\s*\n", ast.get_docstring(node) or ""):
+                    text = " ".join(block.split())
+                    if len(text.split()) >= min_words and ">>>" not in text:
+                        out.append(text)
+    return list(dict.fromkeys(out))
+
+
+def _reference_removals(texts: list[str], cfg: DedupConfig) -> dict[int, tuple[str, int]]:
+    """The stage's rule on datasketch's own objects, record by record: exact key, else
+    MinHashLSH candidates (candidate floor) confirmed by the exact Jaccard of the plain-Python
+    shingle hashes, the best one kept (ties: the first seen). {index: (kind, index it dups)}."""
+    from datasketch import MinHashLSH
+
+    from tasks.dedup_common import candidate_floor
+
+    lsh = MinHashLSH(threshold=candidate_floor(cfg), num_perm=cfg.num_perm)
+    exact: dict[bytes, int] = {}
+    kept: dict[int, set[int]] = {}
+    removed: dict[int, tuple[str, int]] = {}
+    for i, text in enumerate(texts):
+        norm = normalize_for_matching(text)
+        key = hashlib.blake2b(norm.encode(), digest_size=16).digest()
+        hashes = {g: shingle_hash(g) for g in shingles(norm, cfg.ngram)}  # each hashed once
+        grams = set(hashes.values())
+        if key in exact:
+            removed[i] = ("exact", exact[key])
+            continue
+        mh = MinHash(num_perm=cfg.num_perm, hashfunc=hashes.__getitem__)
+        for g in hashes:
+            mh.update(g)
+        best = None
+        for j in sorted(lsh.query(mh)):
+            jac = len(grams & kept[j]) / len(grams | kept[j])
+            if jac >= cfg.threshold and (best is None or jac > best[1]):
+                best = (j, jac)
+        if best is not None:
+            removed[i] = ("near", best[0])
+            continue
+        exact[key], kept[i] = i, grams
+        lsh.insert(i, mh)
+    return removed
+
+
+def test_engine_removes_what_the_datasketch_reference_removes_on_real_prose(tmp_path: Path):
+    # Real prose with planted copies: k of the first 30 words replaced, so true Jaccards spread
+    # over 0.4-1.0 and many pairs sit near the 0.8 threshold, where LSH misses depend on the
+    # exact MinHash values. The stage must remove exactly the records the datasketch
+    # reference removes, each naming the record the reference names.
+    paras = _prose_paragraphs()
+    rng = random.Random(5)
+    texts = list(paras)
+    for i, p in enumerate(paras):
+        words = p.split()
+        for k in (0, 1, 2, 3, 5, 8)[i % 6:i % 6 + 2]:
+            edited = list(words)
+            for pos in rng.sample(range(min(30, len(words))), k):
+                edited[pos] = f"edit{pos}"
+            texts.insert(rng.randrange(i + 1, len(texts) + 1), " ".join(edited).upper()
+                         if k == 0 else " ".join(edited))
+    recs = [_chat(f"r{i:04d}", t) for i, t in enumerate(texts)]
+    ref = _reference_removals([r.joined_text() for r in recs], NO_SPLIT)
+    out = tmp_path / "out"
+    m = run_dedup(_stage_dir(tmp_path / "in", recs), out, NO_SPLIT, home=tmp_path).check()
+    removed = _removed(out)
+    assert {rid: (row["kind"], row["dup_of"]) for rid, row in removed.items()} == {
+        recs[i].id: (kind, recs[j].id) for i, (kind, j) in ref.items()}
+    # The sample means something: both kinds, and near pairs both sides of the threshold.
+    kinds = Counter(kind for kind, _ in ref.values())
+    assert kinds["exact"] >= 30 and kinds["near"] >= 60 and m.deduplicated == len(ref)
+    jaccards = [row["jaccard"] for row in removed.values() if row["kind"] == "near"]
+    assert min(jaccards) < 0.85 and all(j >= 0.8 for j in jaccards)
+
+
+def _format1_index(path: Path) -> None:
+    """A dedup-index.npz as ftflow wrote it before the format field (CRC-32 shingle hashes,
+    datasketch MinHash values as uint64)."""
+    np.savez_compressed(
+        path, ids=np.array(["a"], dtype=object), splits=np.array(["train"], dtype=object),
+        keys=np.array([b"k" * 16], dtype="S16"), grams=np.array([1, 2, 3], np.uint32),
+        offsets=np.array([0, 3]), minhashes=np.zeros((1, 128), np.uint64),
+        params=np.array([5, 128]), scheme=np.array("affine32"))
+
+
+def test_incremental_dedup_matches_the_persisted_index_and_refuses_an_old_one(tmp_path: Path):
+    first = [_chat(f"old{i}", _words(700 + i)) for i in range(6)]
+    run_dedup(_stage_dir(tmp_path / "in1", first, [_chat("old-eval", _words(799))]),
+              tmp_path / "run1", DedupConfig(), home=tmp_path).check()
+    index = tmp_path / "run1" / INDEX_NAME
+    near = _words(702)
+    near[50] = "CHANGED"
+    new = [_chat("copy", _words(700)), _chat("near", near), _chat("leak", _words(799)),
+           _chat("fresh", _words(750))]
+    m = run_dedup(_stage_dir(tmp_path / "in2", new), tmp_path / "run2", NO_SPLIT,
+                  home=tmp_path, corpus=[index]).check()
+    removed = _removed(tmp_path / "run2")
+    assert {rid: (row["kind"], row["dup_of"]) for rid, row in removed.items()} == {
+        "copy": ("exact", "old0"), "near": ("near", "old2"),
+        "leak": ("eval_contamination", "old-eval")}
+    assert m.info["corpus_records"] == 7 and _ids(tmp_path / "run2") == ["fresh"]
+    with np.load(index) as data:
+        assert int(data["format"]) == INDEX_FORMAT and str(data["scheme"]) == SCHEME
+
+    old = tmp_path / "old" / INDEX_NAME
+    old.parent.mkdir()
+    _format1_index(old)
+    with pytest.raises(IndexFormatError) as err:
+        run_dedup(_stage_dir(tmp_path / "in3", new), tmp_path / "run3", NO_SPLIT,
+                  home=tmp_path, corpus=[index, old])
+    message = str(err.value)
+    assert "\n" not in message and "format 1" in message and "rebuild" in message
+    assert isinstance(err.value, StageOutputError)  # the CLI prints it as one error line
+    assert not (tmp_path / "run3" / "manifest.json").exists()
