@@ -185,11 +185,15 @@ class DedupSlurmConfig(_Section):
     time: str = "04:00:00"  # per-task limit (sbatch --time)
     cpus_per_task: int = Field(1, ge=1)
     mem_per_cpu_gb: int = Field(2, ge=1)  # sbatch --mem-per-cpu=<n>G
-    qos: str = "normal"
-    job_name: str = "ftflow-dedup"
+    qos: str = "normal"  # "": no --qos line
+    job_name: str = "ftflow-dedup"  # + "-<datatrove stage>"
     venv_path: str = ""  # activate script the jobs source; "": this interpreter's bin/activate
     sbatch_args: dict[str, str] = Field(default_factory=dict)  # extra `#SBATCH --key=value`
-    poll_s: int = Field(30, ge=1)  # how often the stage looks for the jobs' completion markers
+    # datatrove tasks one array job runs one after another: each job pays a Python start
+    # (~6 CPU-seconds of imports), so short tasks (a bucket task takes well under a second on
+    # a small corpus) want several per job.
+    tasks_per_job: int = Field(1, ge=1)
+    poll_s: int = Field(30, ge=1)  # how often the stage asks squeue whether its jobs are done
 
 
 class DedupRayConfig(_Section):

@@ -221,9 +221,34 @@ def _preload_forkserver() -> None:
     multiprocess.get_context("forkserver").set_forkserver_preload([__name__])
 
 
-def build_executors(cfg: DedupConfig, work: WorkDir) -> dict[str, PipelineExecutor]:
+class SlurmJobIds:
+    """datatrove's job_id_retriever, recording every job sbatch queued: an executor keeps only
+    the last of its array jobs (one per max_array_size tasks)."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    def __call__(self, sbatch_output: str) -> str:
+        job_id = sbatch_output.split()[-1]  # "Submitted batch job <id>"
+        self.ids.append(job_id)
+        return job_id
+
+
+class StageSlurmExecutor(SlurmPipelineExecutor):
+    """datatrove's Slurm executor without its merge-stats job. That job runs after the stage
+    it summarizes, once run_dedup_datatrove may have removed the scratch: on a real cluster it
+    then failed, and the stats it writes are never read."""
+
+    def launch_merge_stats(self) -> None:
+        pass
+
+
+def build_executors(cfg: DedupConfig, work: WorkDir,
+                    slurm_jobs: SlurmJobIds | None = None) -> dict[str, PipelineExecutor]:
     """One executor per datatrove stage, in order, of the kind cfg.executor names. Slurm ones
-    are chained with `depends`, so submitting the last queues all four (sbatch dependencies)."""
+    are chained with `depends`, so submitting the last queues all four (sbatch dependencies);
+    slurm_jobs records their job ids."""
+    slurm_jobs = slurm_jobs if slurm_jobs is not None else SlurmJobIds()
     executors: list[PipelineExecutor] = []
     names = []
     for name, steps, tasks in _stages(cfg, work):
@@ -241,11 +266,12 @@ def build_executors(cfg: DedupConfig, work: WorkDir) -> dict[str, PipelineExecut
                 tasks_per_job=r.tasks_per_job))
         elif cfg.executor == "slurm":
             s = cfg.slurm
-            executors.append(SlurmPipelineExecutor(
+            executors.append(StageSlurmExecutor(
                 steps, tasks=tasks, workers=cfg.workers or -1, logging_dir=logs,
                 partition=s.partition, time=s.time, cpus_per_task=s.cpus_per_task,
                 mem_per_cpu_gb=s.mem_per_cpu_gb, qos=s.qos, job_name=f"{s.job_name}-{name}",
                 venv_path=s.venv_path or _venv_activate(), sbatch_args=dict(s.sbatch_args),
+                tasks_per_job=s.tasks_per_job, job_id_retriever=slurm_jobs,
                 depends=executors[-1] if executors else None))
         else:
             raise ValueError(f"dedup.executor {cfg.executor!r} does not run on datatrove")
@@ -342,21 +368,46 @@ def _check_complete(executor: PipelineExecutor, name: str) -> None:
     """Raise unless every task left its completion marker (Ray only logs failed tasks)."""
     missing = executor.get_incomplete_ranks()
     if missing:
+        logs = f"{executor.logging_dir.path}/logs"
+        if isinstance(executor, SlurmPipelineExecutor):  # the jobs' own output, shell included
+            logs += f" and {executor.slurm_logs_folder}"
         raise RuntimeError(f"datatrove dedup stage {name}: tasks {missing} did not complete; "
-                           f"see {executor.logging_dir.path}/logs")
+                           f"see {logs}")
 
 
-def _wait_for_slurm(executors: dict[str, PipelineExecutor], poll_s: int) -> None:
-    """Block until every task of every stage has finished; fail once squeue no longer lists
-    the jobs while completion markers are still missing."""
-    jobs = ",".join(str(ex.job_id) for ex in executors.values() if ex.job_id not in (None, -1))
-    while any(ex.get_incomplete_ranks() for ex in executors.values()):
-        queued = subprocess.run(["squeue", "-h", "-j", jobs], capture_output=True,
-                                text=True).stdout.strip()
-        if not queued:
-            for name, ex in executors.items():
-                _check_complete(ex, name)
-            return
+def _squeue(jobs: list[str]) -> list[tuple[str, str, str]] | None:
+    """(job id, state, reason) of the jobs Slurm still lists (finished ones it drops); None when
+    squeue could not tell (controller busy or restarting)."""
+    proc = subprocess.run(["squeue", "-h", "-j", ",".join(jobs), "-o", "%i|%T|%r"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        if "Invalid job id" in proc.stderr:  # all purged from the controller: none queued
+            return []
+        logger.warning("squeue failed (%s); polling on", proc.stderr.strip())
+        return None
+    return [tuple(line.split("|", 2)) for line in proc.stdout.splitlines() if line]
+
+
+def _wait_for_slurm(executors: dict[str, PipelineExecutor], jobs: list[str], poll_s: int) -> None:
+    """Block until Slurm no longer lists the jobs, then fail unless every task of every stage
+    left its completion marker.
+
+    Not done at the last marker: a job still runs (and writes its log) for a moment after it,
+    and the stage is about to remove the scratch. And as soon as a job waits on one that failed
+    (reason DependencyNeverSatisfied, which Slurm would keep queued forever), the jobs left are
+    cancelled and the stage fails.
+    """
+    while True:
+        queued = _squeue(jobs) if jobs else []
+        if queued is not None:
+            stuck = [job for job, _, reason in queued if reason == "DependencyNeverSatisfied"]
+            if stuck:
+                subprocess.run(["scancel", *jobs], check=False)
+                logger.error("dedup: Slurm jobs %s wait on a failed one; cancelled", stuck)
+            if stuck or not queued:
+                for name, ex in executors.items():
+                    _check_complete(ex, name)
+                return
         time.sleep(poll_s)
 
 
@@ -368,14 +419,16 @@ def _run_in_order(executors: dict[str, PipelineExecutor]) -> None:
 
 def run_datatrove(cfg: DedupConfig, work: WorkDir) -> dict[str, str]:
     """Run the four stages on cfg.executor, each to completion; returns facts for the manifest."""
-    executors = build_executors(cfg, work)
+    slurm_jobs = SlurmJobIds()
+    executors = build_executors(cfg, work, slurm_jobs)
     _prepare_filter_inputs(work, cfg.tasks)
     if cfg.executor == "datatrove":
         _preload_forkserver()
     if cfg.executor == "slurm":
         executors["filter"].run()  # submits the whole chain
-        _wait_for_slurm(executors, cfg.slurm.poll_s)
-        return {}
+        logger.info("dedup: Slurm jobs %s queued", ",".join(slurm_jobs.ids))
+        _wait_for_slurm(executors, slurm_jobs.ids, cfg.slurm.poll_s)
+        return {"slurm_jobs": ",".join(slurm_jobs.ids)}
     if cfg.executor == "ray":
         with _ray_session(cfg.ray) as facts:
             _run_in_order(executors)
