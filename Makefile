@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export FTFLOW_HOME ?= $(CURDIR)/.ftflow
 
-.PHONY: setup demo test lint stack up down clean constraints chromium
+.PHONY: setup demo test lint stack up down clean constraints chromium slurm
 
 setup: $(VENV)/.installed $(FTFLOW_HOME)/assets/lid.176.ftz
 
@@ -39,7 +39,7 @@ demo: setup
 # modules spend much of their time waiting on servers, schedulers and subprocesses, so a third
 # worker fills the two cores (TEST_WORKERS=0 runs everything in one process).
 TEST_WORKERS ?= 3
-test: setup chromium
+test: setup chromium slurm
 	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The browser test (tests/test_ui.py) drives Debian's chromium through Playwright (Playwright's
@@ -47,6 +47,14 @@ test: setup chromium
 chromium:
 	@test -x /usr/bin/chromium || { DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+# The Slurm test (tests/test_dedup_slurm.py) starts a single-node cluster (munged, slurmctld,
+# slurmd) from Debian's packages; on a fresh Debian machine as root, install them (8 packages,
+# 13 MB; the daemons are not started or enabled here).
+slurm:
+	@test -x /usr/sbin/slurmctld -a -x /usr/sbin/slurmd -a -x /usr/bin/sbatch -a -x /usr/sbin/munged || \
+	  { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge; }
 
 lint: setup
 	$(BIN)/ruff check data_contracts tasks flows infra benchmarks tests
