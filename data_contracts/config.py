@@ -188,6 +188,7 @@ class DedupSlurmConfig(_Section):
     qos: str = "normal"  # "": no --qos line
     job_name: str = "ftflow-dedup"  # + "-<datatrove stage>"
     venv_path: str = ""  # activate script the jobs source; "": this interpreter's bin/activate
+    env_command: str = ""  # shell lines the jobs run instead (module load ..., conda activate ...)
     sbatch_args: dict[str, str] = Field(default_factory=dict)  # extra `#SBATCH --key=value`
     # datatrove tasks one array job runs one after another: each job pays a Python start
     # (~6 CPU-seconds of imports), so short tasks (a bucket task takes well under a second on

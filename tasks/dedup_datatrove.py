@@ -270,7 +270,8 @@ def build_executors(cfg: DedupConfig, work: WorkDir,
                 steps, tasks=tasks, workers=cfg.workers or -1, logging_dir=logs,
                 partition=s.partition, time=s.time, cpus_per_task=s.cpus_per_task,
                 mem_per_cpu_gb=s.mem_per_cpu_gb, qos=s.qos, job_name=f"{s.job_name}-{name}",
-                venv_path=s.venv_path or _venv_activate(), sbatch_args=dict(s.sbatch_args),
+                venv_path=s.venv_path or _venv_activate(), env_command=s.env_command or None,
+                sbatch_args=dict(s.sbatch_args),
                 tasks_per_job=s.tasks_per_job, job_id_retriever=slurm_jobs,
                 depends=executors[-1] if executors else None))
         else:

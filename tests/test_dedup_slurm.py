@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -181,8 +182,14 @@ def _slurm_cfg(**kw) -> DedupConfig:
 
 def test_slurm_removes_what_in_process_removes(
         slurm_cluster: Path, corpus: Path, in_process: Path, tmp_path: Path, home: Path):
-    out, work = tmp_path / "03-dedup", tmp_path / "scratch"
-    m = run_dedup(corpus, out, _slurm_cfg(tasks=2, work_dir=str(work)), home=home).check()
+    out, work, seen = tmp_path / "03-dedup", tmp_path / "scratch", tmp_path / "seen"
+    seen.mkdir()
+    # Each job records the python it runs (the venv's, from the activate script it sources).
+    env = (f"source {sys.prefix}/bin/activate; "
+           f'echo "$VIRTUAL_ENV $(command -v python)" > {seen}/$SLURM_ARRAY_JOB_ID')
+    cfg = _slurm_cfg(tasks=2, work_dir=str(work))
+    cfg = cfg.model_copy(update={"slurm": cfg.slurm.model_copy(update={"env_command": env})})
+    m = run_dedup(corpus, out, cfg, home=home).check()
     assert _outcome(out) == _outcome(in_process)
     local = Manifest.read(in_process)
     assert (m.records_in, m.kept, m.deduplicated, m.splits) == (
@@ -196,6 +203,10 @@ def test_slurm_removes_what_in_process_removes(
     assert {(job["JobState"], job["ExitCode"], job["Partition"]) for job in jobs} == {
         ("COMPLETED", "0:0", PARTITION)}
     assert [job["ArrayJobId"] for job in jobs] == job_ids
+    ran = {path.name: path.read_text().split() for path in seen.iterdir()}
+    assert sorted(ran) == sorted(job_ids)
+    for venv, python in ran.values():
+        assert Path(venv).resolve() == Path(sys.prefix).resolve() and python == f"{venv}/bin/python"
     assert not any(work.iterdir())  # the scratch went once the stage was written
 
 
