@@ -191,7 +191,7 @@ class DedupSlurmConfig(_Section):
     env_command: str = ""  # shell lines the jobs run instead (module load ..., conda activate ...)
     sbatch_args: dict[str, str] = Field(default_factory=dict)  # extra `#SBATCH --key=value`
     # datatrove tasks one array job runs one after another: each job pays a Python start
-    # (~6 CPU-seconds of imports), so short tasks (a bucket task takes well under a second on
+    # (~4.5 CPU-seconds of imports), so short tasks (a bucket task takes well under a second on
     # a small corpus) want several per job.
     tasks_per_job: int = Field(1, ge=1)
     poll_s: int = Field(30, ge=1)  # how often the stage asks squeue whether its jobs are done
