@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 HOST = "127.0.0.1"  # never 0.0.0.0: the UIs have no authentication
 STATE_FILE = "stack.json"
@@ -523,34 +523,3 @@ def status(home: Path, quiet: bool = False) -> int:
     if not quiet:
         print("\n".join(lines))
     return 0 if ok else 1
-
-
-# ---------------------------------------------------------------- in-process (tests)
-
-@contextlib.contextmanager
-def local_servers(home: Path, prefect_port: int = 4200, mlflow_port: int = 5000,
-                  mlflow_backend: str | None = None, prefect_db_url: str | None = None,
-                  ) -> Iterator[Stack]:
-    """Run prefect server and mlflow server (no worker, no state file) for a block.
-
-    Defaults are SQLite under ``home``; pass a ``postgresql://`` backend store for MLflow and
-    a ``postgresql+asyncpg://`` URL for Prefect for the production-style setup.
-    """
-    home = Path(home).absolute()
-    home.mkdir(parents=True, exist_ok=True)
-    env = _base_env(home, prefect_port)
-    server_env = _prefect_server_env(env, home, prefect_db_url)
-    procs: list[tuple[subprocess.Popen, dict[str, Any]]] = []
-    try:
-        plog, mlog = home / "logs" / "prefect-server.log", home / "logs" / "mlflow-server.log"
-        pproc = _spawn(_prefect_cmd(prefect_port), server_env, plog)
-        procs.append((pproc, _entry(pproc, plog)))
-        mproc = _spawn(_mlflow_cmd(home, mlflow_port, mlflow_backend), env, mlog)
-        procs.append((mproc, _entry(mproc, mlog)))
-        wait_healthy(f"http://{HOST}:{prefect_port}/api/health", pproc, 180, plog)
-        wait_healthy(f"http://{HOST}:{mlflow_port}/health", mproc, 180, mlog)
-        yield Stack(f"http://{HOST}:{prefect_port}/api", f"http://{HOST}:{mlflow_port}")
-    finally:
-        for proc, entry in reversed(procs):
-            _terminate(_members(entry), 20)
-            proc.wait()

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import psycopg
 import pytest
 
 from conftest import PG
@@ -314,9 +315,12 @@ def test_down_after_up_was_killed(tmp_path: Path, sig: signal.Signals) -> None:
 
 
 def test_foreground_stack_on_postgresql_runs_a_deployment_and_stops_on_sigterm(
-        tmp_path: Path, pg_databases: list[str]) -> None:
+        tmp_path: Path, pg_databases: list[str], session_home: Path) -> None:
+    """The production backends: `ftflow stack` on PostgreSQL (Prefect's database and MLflow's
+    store), a file dropped in the watched inbox, the triggered run trains, evaluates and
+    registers a model that MLflow serves from PostgreSQL; SIGTERM stops it all."""
     prefect_db, mlflow_db = pg_databases
-    home, cwd = tmp_path / "home", tmp_path / "project"
+    home, cwd = seed_home(tmp_path / "home", session_home), tmp_path / "project"
     cwd.mkdir()
     env, ports = user_env(home), [free_port(), free_port()]
     state: dict[str, Any] = {}
@@ -340,9 +344,10 @@ def test_foreground_stack_on_postgresql_runs_a_deployment_and_stops_on_sigterm(
         # the data event, and the automation starts the pipeline's on-new-data deployment
         (cwd / "inbox").mkdir()
         shutil.copy(REPO / "sample_data" / "support_chat.jsonl", cwd / "inbox" / "chat.jsonl")
-        # curation only (no training): the triggered run ends after the data stages
-        r = ftflow("deploy", str(REPO / "configs" / "demo.yaml"), "curate.min_new_records=100000",
-                   "--watch", "inbox", env=env, cwd=cwd)
+        # the whole pipeline, small: it trains, evaluates and registers on the PostgreSQL stack
+        r = ftflow("deploy", str(REPO / "configs" / "demo.yaml"), "curate.min_new_records=1",
+                   *SMALL[1:-1], "run.experiment=pg", "export.model_name=ftflow-pg",
+                   "export.gguf=[]", "--watch", "inbox", env=env, cwd=cwd)
         assert r.returncode == 0, r.stdout + r.stderr
         poll = deployment(api_url, "watch-inbox/poll")
         api(f"{api_url}/deployments/{poll['id']}/create_flow_run", {})
@@ -351,7 +356,7 @@ def test_foreground_stack_on_postgresql_runs_a_deployment_and_stops_on_sigterm(
         time.sleep(6)  # the file has settled: the next poll announces it
         api(f"{api_url}/deployments/{poll['id']}/create_flow_run", {})
         on_data = deployment(api_url, "finetune-pipeline/on-new-data")
-        done = wait_for_run(api_url, on_data["id"], timeout=300)
+        done = wait_for_run(api_url, on_data["id"], timeout=600)
         assert done["state_type"] == "COMPLETED", run_logs(api_url, done["id"])
         inbox_file = str((cwd / "inbox" / "chat.jsonl").absolute())
         assert done["parameters"]["files"] == [inbox_file], "the run got the event's files"
@@ -362,8 +367,20 @@ def test_foreground_stack_on_postgresql_runs_a_deployment_and_stops_on_sigterm(
         assert list(ingest["input_digests"]) == [inbox_file], "it read that file, nothing else"
         arrivals = json.loads((home / "arrivals.json").read_text())
         assert arrivals[inbox_file]["status"] == "consumed"
-        # MLflow answers from PostgreSQL
-        api(f"{state['mlflow']['url']}/api/2.0/mlflow/experiments/create", {"name": "pg-ok"})
+        # MLflow answers from PostgreSQL: the parent run and a run per stage, the registered
+        # version behind its alias
+        mlflow_api = f"{state['mlflow']['url']}/api/2.0/mlflow"
+        exp = api(f"{mlflow_api}/experiments/get-by-name?experiment_name=pg")["experiment"]
+        runs = api(f"{mlflow_api}/runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                                 "max_results": 100})["runs"]
+        stages = {t["value"] for r in runs for t in r["data"].get("tags", [])
+                  if t["key"] == "ftflow.stage"}
+        assert {"01-ingest", "08-train", "09-evaluate", "10-export"} <= stages, stages
+        alias = api(f"{mlflow_api}/registered-models/alias?name=ftflow-pg&alias=candidate")
+        assert alias["model_version"]["version"] == str(json.loads(
+            next(home.glob("runs/*/10-export/manifest.json")).read_text())["info"]["version"])
+        with psycopg.connect(f"postgresql://{PG}/{mlflow_db}") as conn:
+            assert conn.execute("SELECT count(*) FROM registered_models").fetchone()[0] == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=120)[0]
