@@ -458,6 +458,8 @@ def build_steps(cfg: IngestConfig, filters: list[BaseFilter]) -> list[PipelineSt
         s, (LocalLanguageFilter, FastGopherQualityFilter, FastGopherRepetitionFilter))]
     if cfg.gopher_prose_only and prose_judged:
         steps.insert(prose_judged[-1] + 1, FullText())
+        if isinstance(steps[prose_judged[-1]], FastGopherRepetitionFilter):
+            steps.insert(prose_judged[-1], ProseOnly(cfg.gopher_min_doc_words, spans=False))
         steps.insert(prose_judged[0], ProseOnly(cfg.gopher_min_doc_words))
     if cfg.repair_encoding and HAS_FTFY:
         steps.insert(0, RepairEncoding())
