@@ -1,4 +1,4 @@
-"""The prose part of a turn: what the language and Gopher filters judge when
+"""The prose part of a chat: what the language and Gopher filters judge when
 ``ingest.gopher_prose_only`` is on (the default).
 
 Gopher's rules were written for web pages: code, tables, tracebacks and shell sessions fail its
@@ -20,21 +20,32 @@ Technical chats are made of them. Set aside here, in three passes:
   ``>=2.0``), option flags (``--foo``, ``-x``), issue numbers (``#123``), commit hashes.
   List and heading marks (``-``, ``*``, ``1.``, ``#``) go; the item's words stay.
 
-What is left is judged. A text whose prose has fewer than ``min_words`` words is judged whole,
-so junk cannot hide inside a fence: that bound is on the whole chat, a question included.
+What is left is judged: language id and Gopher's quality rules read these words, the
+repetition rules read the same lines with their spans kept (``prose_lines``: lines naming
+different APIs are not duplicates). A text whose prose has fewer than ``min_words`` words is
+judged whole, so junk cannot hide inside a fence: that bound is on the whole chat, a question
+included.
+
+A chat's prose is often one short question beside code, where two of Gopher's rules fire on
+nothing: the stop-word rule (``ChatGopherQualityFilter``: asked of texts of some length only)
+and the top-n-gram rule (``ChatGopherRepetitionFilter``: an n-gram seen once is no repetition).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
+from typing import Any
 
-from datatrove.data import DocumentsPipeline
+from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
+
+from tasks.words import FastGopherQualityFilter, FastGopherRepetitionFilter, _windows
 
 # --- blocks -------------------------------------------------------------------------------
 FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.M | re.S)
 STRAY_FENCE = re.compile(r"^[ \t]*(?:`{3,}|~{3,}).*$", re.M)
-HTML_COMMENT = re.compile(r"<!--.*?(?:-->|\Z)", re.S)
+HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
 EXPLICIT_MARKUP = re.compile(r"^([ \t]*)\.\.(?:[ \t]|$)")  # reST: .. directive::, .. _x:, ..
 # Directives whose body is prose: only their first line is set aside.
 ADMONITION = re.compile(r"^[ \t]*\.\.[ \t]+(?:note|warning|tip|hint|important|caution|"
@@ -204,6 +215,61 @@ class ProseOnly(PipelineStep):
                 doc.text = view if self.spans else prose_lines(full)
                 self.stat_update("prose_view")
             yield doc
+
+
+class ChatGopherQualityFilter(FastGopherQualityFilter):
+    """Gopher's quality rules, the stop-word rule only on a text of ``stop_words_min_words``
+    words or more (words with a letter or digit; 0: on every text, as datatrove).
+
+    Gopher asks two stop words (the, be, to, of, and, that, have, with) of 50-word web pages.
+    A chat's prose is often one short question beside code ("Quick question about httpx."):
+    no stop word there says nothing, while a keyword list of 15 words and more still has to
+    show one. The rule runs last, as in datatrove, so a text failing another rule is named
+    by that one.
+    """
+
+    def __init__(self, *args: Any, min_stop_words: int | None = None,
+                 stop_words_min_words: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, min_stop_words=None, **kwargs)
+        self.stop_word_rule, self.stop_words_min_words = min_stop_words, stop_words_min_words
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        verdict = super().filter(doc)
+        if verdict is not True or not self.stop_word_rule:
+            return verdict
+        if len(WORD.findall(doc.text)) < self.stop_words_min_words:
+            return True
+        words = self.language.word_tokenize(doc.text)
+        if len(self.stop_words.intersection(words)) < self.stop_word_rule:
+            return False, "gopher_enough_stop_words"
+        return True
+
+
+class ChatGopherRepetitionFilter(FastGopherRepetitionFilter):
+    """Gopher's repetition rules, the top-n-gram rule only for an n-gram that occurs at least
+    ``top_n_gram_min_count`` times (1: as datatrove).
+
+    datatrove weighs the most frequent n-gram even when it occurs once, so on a text of one
+    short sentence ("Can you explain this part of httpx?": 'Can you explain this' is 53% of
+    its characters) the rule fires with nothing repeated. Gopher's pages had 50 words and more.
+    """
+
+    def __init__(self, *args: Any, top_n_gram_min_count: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.top_n_gram_min_count = top_n_gram_min_count
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        if self.top_n_gram_min_count <= 1:
+            return super().filter(doc)
+        words = self.language.word_tokenize(doc.text)
+        top_n_grams = self.top_n_grams
+        self.top_n_grams = tuple(  # type: ignore[assignment]
+            (n, frac) for n, frac in top_n_grams if len(words) >= n and Counter(
+                _windows(words, n)).most_common(1)[0][1] >= self.top_n_gram_min_count)
+        try:
+            return super().filter(doc)
+        finally:
+            self.top_n_grams = top_n_grams
 
 
 class FullText(PipelineStep):

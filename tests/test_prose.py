@@ -109,3 +109,28 @@ def test_junk_words_stay_prose_to_be_judged() -> None:
     # Spam links lose their targets, not their words.
     assert prose("[cheap watches](https://x.example.com/a) https://y.example.com/b buy now") == \
         "cheap watches buy now"
+
+
+def test_chat_gopher_rules_skip_what_one_short_sentence_cannot_show() -> None:
+    from datatrove.data import Document
+
+    from tasks.prose import ChatGopherQualityFilter, ChatGopherRepetitionFilter
+    from tasks.words import RunCachedWordTokenizer
+
+    words = RunCachedWordTokenizer()
+    top = ((2, 0.3), (3, 0.28), (4, 0.26))
+    datatrove_rep = ChatGopherRepetitionFilter(top_n_grams=top, language=words)
+    chat_rep = ChatGopherRepetitionFilter(top_n_grams=top, top_n_gram_min_count=2, language=words)
+    question = Document(text="Can you explain this part of beartype?", id="q")
+    assert datatrove_rep.filter(question) == (False, "top_3_gram")  # a unique 3-gram, 'weighed'
+    assert chat_rep.filter(question) is True
+    spam = Document(text="buy now buy now buy now cheap cheap watches", id="s")
+    assert chat_rep.filter(spam) == datatrove_rep.filter(spam) == (False, "top_2_gram")
+
+    quality = ChatGopherQualityFilter(min_doc_words=5, min_stop_words=1, stop_words_min_words=15,
+                                      language=words)
+    assert quality.filter(Document(text="Quick question about cloudpickle. Installation",
+                                   id="q")) is True
+    keywords = ("cheap watches discount watches best price watches luxury watches free shipping "
+                "replica bags outlet sale designer bags lowest prices")
+    assert quality.filter(Document(text=keywords, id="k")) == (False, "gopher_enough_stop_words")
