@@ -198,16 +198,23 @@ def table(labels: list[str], clean: int) -> str:
     return "\n".join(lines)
 
 
-def alone(rows: list[ChatSample], clean: int, cfg: IngestConfig, home: Path) -> str:
-    """Each filter's drops when it runs alone (the others off)."""
+def alone(rows: list[ChatSample], clean: int, cfg: IngestConfig, home: Path,
+          chain: list[str]) -> str:
+    """Each filter's drops when it runs alone (the others off), on all junk and on the junk
+    that gets past the length bounds (min_words, max_chars: the same in every config)."""
     from tasks.ingest import REASONS, build_filters
 
-    lines = ["| filter alone | clean rows dropped | junk rows dropped |", "|---|---:|---:|"]
+    past = [i for i, lab in enumerate(chain[clean:], clean) if lab.split(" ")[0] not in
+            ("min_words", "max_chars")]
+    lines = ["| filter alone | clean rows dropped | junk rows dropped | junk past the length "
+             "bounds dropped |", "|---|---:|---:|---:|"]
     for name in dict.fromkeys(REASONS[type(f)] for f in build_filters(cfg, home)):
         labels = verdicts(rows, cfg, home, only=name)
         c = sum(lab != "kept" for lab in labels[:clean])
         j = sum(lab != "kept" for lab in labels[clean:])
-        lines.append(f"| {name} | {c} ({c / clean:.1%}) | {j} ({j / (len(rows) - clean):.1%}) |")
+        p = sum(labels[i] != "kept" for i in past)
+        lines.append(f"| {name} | {c} ({c / clean:.1%}) | {j} ({j / (len(rows) - clean):.1%}) "
+                     f"| {p} of {len(past)} ({p / max(len(past), 1):.1%}) |")
     return "\n".join(lines)
 
 
@@ -231,7 +238,7 @@ def main() -> None:
           f"junk rows, {time.strftime('%Y-%m-%d')}, `{' '.join(sys.argv)}`\n")
     print(table(labels, len(clean)))
     print()
-    print(alone(rows, len(clean), cfg.ingest, home))
+    print(alone(rows, len(clean), cfg.ingest, home, labels))
     if hard:
         hard_labels = verdicts([r for _, r in hard], cfg.ingest, home)
         print("\n| hard junk kind | rows | caught | by |\n|---|---:|---:|---|")

@@ -92,37 +92,44 @@ LITERAL_INTRO = re.compile(r"::[ \t]*$")
 MD_IMAGE = re.compile(r"!\[[^\]\n]*\]\([^)\n]*\)")
 MD_LINK = re.compile(r"\[([^\]\n]*)\](?:\([^)\s]*\)|\[[^\]\n]*\])")  # its text stays
 RST_LINK = re.compile(r"`([^`<\n]*?)\s*<[^>`\n]*>`_{1,2}")  # `text <url>`_: its text stays
-LINKS = re.compile("|".join([  # link plumbing: set aside from both views
+LINK_PATTERNS = [  # link plumbing: set aside from both views
     r"<(?:https?|ftp|mailto)[^>\s]*>",  # autolinks
     r"(?:https?|ftp|file|s3|gs|git|ssh)://[^\s<>\"'`)\]]*",  # URLs
     r"\bwww\.[^\s<>\"'`)\]]+",
     r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",  # e-mail addresses
     r"</?[A-Za-z][\w-]*(?:\s[^<>\n]*)?/?>",  # HTML tags (their text stays)
     r"\*+|~~",  # emphasis marks
-]))
-SPANS = re.compile("|".join([  # technical tokens: set aside from the words view
-    r"\"[^\"\s]+\"|“[^”\s]+”|(?<!\w)'[^'\s]+'(?!\w)",  # a quoted token: a literal in plain text
+]
+LINKS = re.compile("|".join(LINK_PATTERNS))
+# Technical tokens, set aside from the words view: spans that may hold spaces are looked for
+# in the line; the rest inside one whitespace-free run, each distinct run once (RUN_CACHE).
+LINE_SPANS = re.compile("|".join([
     r"``.+?``",  # reST inline literal
     r"`[^`\n]+`_{0,2}",  # inline code, reST interpreted text and links
     r":[\w:+-]+:(?=`)",  # reST role before its text (the text is the span above)
+    r"[<>=!~^]=?\s*v?\d+(?:\.[\w*]+)+",  # version constraints
+    r"\|[\w -]+\|",  # reST substitutions (|badge|)
+    r"\{[^{}\n]*\}",  # placeholders and literal dicts
+]))
+CALLS = re.compile(r"\b[A-Za-z_][\w.-]*\([^()\n]*\)")  # foo(x, y=1), foo.bar(x)
+RUN_SPANS = re.compile("|".join([
+    r"\"[^\"\s]+\"|“[^”\s]+”|(?<!\w)'[^'\s]+'(?!\w)",  # a quoted token: a literal in plain text
     r"(?<![\w/])(?:~|\.{1,2})?(?:/[\w.@%+~-]+)+/?",  # paths
-    r"\b[A-Za-z]:\\[^\s]*",  # Windows paths
-    r"\b[A-Za-z_][\w-]*(?:\.[A-Za-z_]\w*)+(?:\([^()\n]*\))?",  # dotted names, calls, files
-    r"\b[A-Za-z_]\w*\([^()\n]*\)",  # calls
+    r"\b[A-Za-z]:\\\S*",  # Windows paths
+    r"\b[A-Za-z_][\w-]*(?:\.[A-Za-z_]\w*)+",  # dotted names, file names
     r"\b\w*_\w*",  # identifiers with _ (snake_case, __dunder__, reST refs_)
     r"\b[a-z]+[A-Z]\w*",  # camelCase
     r"\b[A-Z][a-z0-9]+[A-Z]\w*",  # PascalCase with an inner capital (DataLoader)
     r"\b[A-Z]{2,}[a-z]+[A-Z]\w*",
-    r"[<>=!~^]=?\s*v?\d+(?:\.[\w*]+)+",  # version constraints
     r"\bv?\d+(?:\.\d+)+(?:[-.+]?[A-Za-z]+\d*)*\b",  # versions, numbers with dots
-    r"(?<![\w-])--?[A-Za-z][\w-]*(?:=[^\s,;)]*)?",  # option flags
+    r"(?<![\w-])--?[A-Za-z][\w-]*(?:=\S*)?",  # option flags
     r"(?<![\w&])#\d+\b",  # issue numbers
     r"\b(?:GH|PR|gh)-\d+\b",
     r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b",  # hashes
-    r"\|[\w -]+\|",  # reST substitutions (|badge|)
-    r"\{[^{}\n]*\}",  # placeholders and literal dicts
     r"\$\{?\w+\}?",  # shell variables
 ]))
+RUN_CACHE: dict[str, str] = {}
+MAX_RUNS = 200_000  # bound on RUN_CACHE (a corpus of IDs adds runs without end)
 # What set-aside spans leave behind: empty brackets and quotes, runs of separators.
 HUSKS = re.compile(r"\([\s,;]*\)|\[[\s,;]*\]|\{\s*\}|\"\s*\"|“\s*”|'\s*'|"
                    r"(?<=[,;:])(?:\s*[,;:])+")
@@ -166,6 +173,22 @@ def _unlinked(line: str) -> str:
     return LINKS.sub(" ", RST_LINK.sub(r"\1", MD_LINK.sub(r"\1", MD_IMAGE.sub(" ", line))))
 
 
+def _spanless(line: str) -> str:
+    """line without its technical tokens."""
+    line = LINE_SPANS.sub(" ", line)
+    if "(" in line:
+        line = CALLS.sub(" ", line)
+    out = []
+    for run in line.split():
+        rest = RUN_CACHE.get(run)
+        if rest is None:
+            if len(RUN_CACHE) >= MAX_RUNS:
+                RUN_CACHE.clear()
+            rest = RUN_CACHE[run] = RUN_SPANS.sub(" ", run)
+        out.append(rest)
+    return " ".join(out)
+
+
 def _prose_line(line: str) -> str:
     """The prose of one line: '' for a set-aside line, else its words without the spans."""
     if not line.strip() or SET_ASIDE_LINE.match(line):
@@ -173,23 +196,34 @@ def _prose_line(line: str) -> str:
     line = LIST_MARK.sub("", line, count=1)
     if CODE_LINE.match(line):
         return ""
-    rest = HUSKS.sub(" ", SPANS.sub(" ", _unlinked(line)))
+    rest = HUSKS.sub(" ", _spanless(_unlinked(line)))
     letters = sum(map(len, LETTERS.findall(rest)))
     if not letters or letters < 0.6 * len("".join(rest.split())):
         return ""  # a line of symbols, numbers and set-aside spans
     return " ".join(rest.split())
 
 
+def views(text: str) -> tuple[str, str]:
+    """(prose, prose lines): text without its code, markup, tables, tracebacks, prompts and
+    technical spans; and the same lines as written, spans kept, links and list marks gone
+    (what the repetition rules read: two lines differing only in their identifiers are not
+    duplicates)."""
+    words, lines = [], []
+    for line in _blocks(text):
+        if p := _prose_line(line):
+            words.append(p)
+            lines.append(" ".join(_unlinked(LIST_MARK.sub("", line, count=1)).split()))
+    return "\n".join(words), "\n".join(lines)
+
+
 def prose(text: str) -> str:
-    """text without its code, markup, tables, tracebacks, prompts and technical spans."""
-    return "\n".join(p for p in map(_prose_line, _blocks(text)) if p)
+    """The words view of text (see ``views``)."""
+    return views(text)[0]
 
 
 def prose_lines(text: str) -> str:
-    """The lines of text that hold prose, as written (spans kept): what the repetition rules
-    read, so that two lines differing only in their identifiers are not duplicates."""
-    return "\n".join(" ".join(_unlinked(LIST_MARK.sub("", line, count=1)).split())
-                     for line in _blocks(text) if _prose_line(line))
+    """The lines view of text (see ``views``)."""
+    return views(text)[1]
 
 
 class ProseOnly(PipelineStep):
@@ -208,11 +242,14 @@ class ProseOnly(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
-            full = doc.metadata.get("full_text", doc.text)
-            view = prose(full)
-            if len(WORD.findall(view)) >= self.min_words:
-                doc.metadata["full_text"] = full
-                doc.text = view if self.spans else prose_lines(full)
+            if "prose_views" not in doc.metadata:  # the first of the two views computes both
+                words, lines = views(doc.text)
+                enough = len(WORD.findall(words)) >= self.min_words
+                doc.metadata["prose_views"] = (words, lines) if enough else None
+                if enough:
+                    doc.metadata["full_text"] = doc.text
+            if seen := doc.metadata["prose_views"]:
+                doc.text = seen[0] if self.spans else seen[1]
                 self.stat_update("prose_view")
             yield doc
 
@@ -280,6 +317,7 @@ class FullText(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
+            doc.metadata.pop("prose_views", None)
             if "full_text" in doc.metadata:
                 doc.text = doc.metadata.pop("full_text")
             yield doc
