@@ -218,6 +218,32 @@ def alone(rows: list[ChatSample], clean: int, cfg: IngestConfig, home: Path,
     return "\n".join(lines)
 
 
+WHOLE_TEXT = ["ingest.gopher_prose_only=false", "ingest.language_threshold=0.65",
+              "ingest.gopher_min_alpha_words_ratio=0.65", "ingest.gopher_stop_words_min_words=0",
+              "ingest.repetition_dup_ngram_frac=0.15", "ingest.repetition_top_ngram_min_count=1"]
+
+
+def speed(n: int, home: Path) -> None:
+    """CPU seconds of ingest's judge() on n scale-corpus support chats: the previous defaults
+    (whole text judged) against the current ones, twice each, after a warm-up."""
+    from bench_scale import ChatFactory
+
+    from tasks.ingest import build_filters, build_steps, judge
+
+    rows = [ChatSample(id=r["id"], messages=[Message(**m) for m in r["messages"]])
+            for r in ChatFactory(1).records(n) if isinstance(r, dict)]
+    for name, sets in [("whole text", WHOLE_TEXT), ("prose", [])] * 2:
+        cfg = load_config(None, sets).ingest
+        steps = build_steps(cfg, build_filters(cfg, home))
+        judge(steps, rows[:256])
+        start = time.process_time()
+        for i in range(0, len(rows), 256):
+            judge(steps, rows[i:i + 256])
+        cpu = time.process_time() - start
+        print(f"{name}: {len(rows)} chats, {cpu:.1f} CPU s, {len(rows) / cpu:.0f} records per "
+              "CPU second")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clean", type=int, default=600)
@@ -226,7 +252,12 @@ def main() -> None:
     ap.add_argument("--split", choices=["all", *SPLITS], default="all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="config override, key=value")
+    ap.add_argument("--speed", type=int, default=0,
+                    help="instead: CPU time of judging this many support chats, old vs new")
     args = ap.parse_args()
+    if args.speed:
+        speed(args.speed, Path(load_config(None, []).run.home))
+        return
     rng = random.Random(args.seed)
     clean = clean_rows(args.clean, rng, args.split)
     hard = hard_junk_rows(args.hard_junk, args.seed)
