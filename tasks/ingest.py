@@ -45,7 +45,7 @@ from tasks.words import (
     FastGopherRepetitionFilter,
     RunCachedWordTokenizer,
 )
-from tasks.prose import FullText, ProseOnly
+from tasks.prose import ChatGopherQualityFilter, ChatGopherRepetitionFilter, FullText, ProseOnly
 from tasks.quality import QualityModel
 
 log = logging.getLogger(__name__)
@@ -425,20 +425,24 @@ def build_filters(cfg: IngestConfig, home: str | Path, base_model: str = "",
                                      cfg.language_threshold))
     words = RunCachedWordTokenizer()  # datatrove's English word splitting, shared by both
     if cfg.gopher_quality:
-        steps.append(FastGopherQualityFilter(
+        steps.append(ChatGopherQualityFilter(
             min_doc_words=cfg.gopher_min_doc_words,
             max_doc_words=None,  # max_chars bounds length
             max_non_alpha_words_ratio=cfg.gopher_min_alpha_words_ratio,
             min_stop_words=cfg.gopher_min_stop_words if english_only else None,
+            stop_words_min_words=cfg.gopher_stop_words_min_words,
             language=words,
         ))
     if cfg.gopher_repetition:
         frac = cfg.repetition_top_ngram_frac
-        steps.append(FastGopherRepetitionFilter(
+        steps.append(ChatGopherRepetitionFilter(
             dup_line_frac=cfg.repetition_dup_line_frac,
             # Chats repeat the product's words in question and answer; a short exchange hits
             # Gopher's web thresholds (0.20/0.18/0.16) by accident, so the top-n-gram bar moves.
             top_n_grams=((2, frac), (3, max(frac - 0.02, 0.01)), (4, max(frac - 0.04, 0.01))),
+            dup_n_grams=tuple((n, round(cfg.repetition_dup_ngram_frac - 0.01 * (n - 5), 4))
+                              for n in range(5, 11)),  # Gopher: 0.15 for 5-grams ... 0.10
+            top_n_gram_min_count=cfg.repetition_top_ngram_min_count,
             language=words,
         ))
     if cfg.refusal_filter:
@@ -458,6 +462,8 @@ def build_steps(cfg: IngestConfig, filters: list[BaseFilter]) -> list[PipelineSt
         s, (LocalLanguageFilter, FastGopherQualityFilter, FastGopherRepetitionFilter))]
     if cfg.gopher_prose_only and prose_judged:
         steps.insert(prose_judged[-1] + 1, FullText())
+        if isinstance(steps[prose_judged[-1]], FastGopherRepetitionFilter):
+            steps.insert(prose_judged[-1], ProseOnly(cfg.gopher_min_doc_words, spans=False))
         steps.insert(prose_judged[0], ProseOnly(cfg.gopher_min_doc_words))
     if cfg.repair_encoding and HAS_FTFY:
         steps.insert(0, RepairEncoding())
@@ -467,7 +473,8 @@ def build_steps(cfg: IngestConfig, filters: list[BaseFilter]) -> list[PipelineSt
 REASONS = {
     EncodingFilter: "encoding", MinWordsFilter: "min_words", MaxCharsFilter: "max_chars",
     TokenLengthFilter: "token_length", LocalLanguageFilter: "language",
-    FastGopherQualityFilter: "gopher_quality", FastGopherRepetitionFilter: "gopher_repetition",
+    FastGopherQualityFilter: "gopher_quality", ChatGopherQualityFilter: "gopher_quality",
+    FastGopherRepetitionFilter: "gopher_repetition", ChatGopherRepetitionFilter: "gopher_repetition",
     RefusalFilter: "refusal", QualityFilter: "low_quality",
 }
 

@@ -346,9 +346,68 @@ def test_gopher_prose_only_judges_the_prose_of_a_technical_answer(tmp_path: Path
         _chat("tech", "How do I see which versions of my packages are installed?", answer),
         _chat("soup", "!!!@@@ ### $$$ %%% ^^^ &&& ***", "```\n??? *** ((( )))\n```"),
     ]) + "\n")
-    default = run_ingest(path, tmp_path / "default", IngestConfig(workers=1), home=home)
-    prose = run_ingest(path, tmp_path / "prose", IngestConfig(workers=1, gopher_prose_only=True),
+    whole = run_ingest(path, tmp_path / "whole", IngestConfig(workers=1, gopher_prose_only=False),
                        home=home)
-    assert default.kept == 0 and prose.kept == 1
+    prose = run_ingest(path, tmp_path / "prose", IngestConfig(workers=1), home=home)
+    assert whole.kept == 0 and prose.kept == 1
     assert [r.id for r in read_records(tmp_path / "prose")] == ["tech"]
     assert read_records(tmp_path / "prose").__next__().messages[1].content == answer
+
+
+def _shipped_answers() -> list[tuple[str, str]]:
+    """(source, answer): the first 300-1,500 character stretch with code or markup of the
+    READMEs of some pinned dependencies and of Python's reference docs, whole paragraphs."""
+    import importlib.metadata
+    import re
+
+    import pydoc_data.topics
+
+    texts = [(name, importlib.metadata.metadata(name).get_payload() or "")
+             for name in ("datatrove", "peft", "accelerate", "ftfy", "datasketch", "pydantic")]
+    texts += [(f"Python's {k}", pydoc_data.topics.topics[k]) for k in ("with", "formatstrings")]
+    found = []
+    for name, text in texts:
+        answer = ""
+        for para in re.split(r"\n\s*\n", text):
+            answer = f"{answer}\n\n{para}" if answer else para
+            if len(answer) >= 300:
+                if len(answer) <= 1500 and re.search(r"`|\n   \S|\]\(|::", answer):
+                    found.append((name, answer.strip()))
+                    break
+                answer = ""
+    return found
+
+
+def test_default_ingest_keeps_technical_chats_from_shipped_docs_and_drops_junk(
+        tmp_path: Path, home: Path) -> None:
+    answers = _shipped_answers()
+    assert len(answers) == 8
+    junk = [
+        _chat("soup-fence", "!!!@@@ ### $$$ %%% ^^^", "```\n??? *** ((( )))\n```"),
+        _chat("mash-code", "asdfghjkl qwertyuiop zxcvbnm asdf",
+              "jkljkl fdsafdsa\n\n```python\nimport os\nprint(os.getcwd())\n```"),
+        _chat("link-spam", " ".join(f"[cheap {w}](https://{w}.example.com/deal?ref=1)"
+                                    for w in ("watches", "bags", "shoes", "phones")),
+              "best price https://shop.example.net/a luxury watches https://shop.example.net/b "
+              "free shipping https://shop.example.net/c discount bags outlet sale"),
+        _chat("german-code", "Wie installiere ich das Paket? Ich bekomme immer einen Fehler.",
+              "Installieren Sie es mit `pip install ftflow` und starten Sie dann die Anwendung "
+              "neu. Danach sollte der Fehler verschwunden sein.\n\n```bash\n$ pip install "
+              "ftflow\n```"),
+        _chat("spam-lines", "Get cheap watches now: run `pip install free-watches` today!",
+              "\n".join(["Get cheap watches now: run `pip install free-watches` today!"] * 12)),
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        _chat(f"tech-{i}", f"I'm reading the {name} docs and I don't get this part, can you "
+              "explain it?", answer)
+        for i, (name, answer) in enumerate(answers)] + junk) + "\n")
+    m = run_ingest(path, tmp_path / "out", IngestConfig(workers=1), home=home).check()
+    kept = [r.id for r in read_records(tmp_path / "out")]
+    assert kept == [f"tech-{i}" for i in range(len(answers))], m.filtered
+    assert m.filtered_total == len(junk)
+    # The same records judged whole, as before prose views were the default: technical text
+    # fails Gopher's rules and language id.
+    whole = run_ingest(path, tmp_path / "whole", IngestConfig(workers=1, gopher_prose_only=False),
+                       home=home)
+    assert whole.kept < len(answers)

@@ -1,0 +1,136 @@
+"""The prose part of a technical turn (tasks/prose.py): what is set aside, what is judged."""
+
+from __future__ import annotations
+
+import pydoc_data.topics
+import pytest
+
+from tasks.prose import prose, prose_lines
+
+ANSWER = '''Install it with `pip install ftflow==0.3.1` or from source:
+
+```bash
+$ git clone https://github.com/example/ftflow && cd ftflow
+$ pip install -e .[dev]
+```
+
+Then call `ftflow.run(config, resume=True)`; see https://ftflow.readthedocs.io/en/latest/ for the
+options. Pass --workers=4 to use four processes, or set FTFLOW_HOME to ~/.cache/ftflow.
+
+| option | default | meaning |
+|---|---:|---|
+| workers | 0 | one per CPU |
+
+Traceback (most recent call last):
+  File "/usr/lib/python3.12/site-packages/ftflow/cli.py", line 42, in main
+    run(cfg)
+KeyError: 'ingest'
+
+The error above means the config has no ``ingest`` section. Use :func:`load_config` to check it
+before calling DataLoader.from_config(path) in version 2.4.1 or later (#1234).
+
+.. code-block:: python
+
+   cfg = load_config("configs/demo.yaml")
+   print(cfg.ingest)
+
+.. note::
+
+   The loader reads the file only once.
+
+.. _docs: https://example.org/docs
+
+This is a literal block::
+
+    >>> 1 + 1
+    2
+
+- Fixed `Loader.close()` leaking a file handle (#881)
+- [Read the changelog](https://example.org/changes) for **older** releases.
+'''
+
+PROSE = """Install it with or from source:
+Then call ; see for the
+options. Pass to use four processes, or set to
+The error above means the config has no section. Use to check it
+before calling in version or later .
+The loader reads the file only once.
+This is a literal block:
+Fixed leaking a file handle
+Read the changelog for older releases."""
+
+
+def test_code_markup_and_technical_spans_are_set_aside_prose_stays() -> None:
+    assert prose(ANSWER) == PROSE
+
+
+def test_prose_lines_keep_their_identifiers_for_the_repetition_rules() -> None:
+    lines = prose_lines(ANSWER).splitlines()
+    # The same lines as the words view, spans kept (so 'use `a`' and 'use `b`' differ), links
+    # and emphasis gone.
+    assert len(lines) == len(PROSE.splitlines())
+    assert lines[0] == "Install it with `pip install ftflow==0.3.1` or from source:"
+    assert lines[-1] == "Read the changelog for older releases."
+    assert "DataLoader.from_config(path)" in lines[4]
+
+
+@pytest.mark.parametrize("text", [
+    "```python\nfor i in range(10):\n    print(i)\n```",
+    "!!!@@@ ### $$$ %%% ^^^ &&& ***\n```\n??? *** ((( )))\n```",
+    "| a | b |\n|---|---|\n| 1 | 2 |",
+    ">>> import ftflow\n>>> ftflow.__version__\n'0.3.1'",
+    "   x = compute(a, b)\n   if x > 0:\n       return x\n   raise ValueError(x)",
+    "[![PyPI](https://img.shields.io/pypi/v/ftflow.svg)](https://pypi.org/project/ftflow)\n"
+    ".. image:: https://example.org/badge.svg\n   :target: https://example.org",
+    "2026-03-01T12:00:01Z level=info path=/v1/orders status=200\n"
+    "2026-03-01T12:00:02Z level=info path=/v1/orders status=429",
+])
+def test_code_tables_prompts_logs_and_badges_leave_no_prose(text: str) -> None:
+    assert prose(text) == ""
+
+
+def test_python_reference_docs_keep_their_sentences_drop_their_grammar_and_code() -> None:
+    text = pydoc_data.topics.topics["with"]
+    view = prose(text)
+    assert "is semantically equivalent to:" in view
+    assert "The suite is executed." in view
+    for code in ("with_stmt", "::=", "hit_except = False", "enter(manager)", "__enter__"):
+        assert code not in view, code
+    assert "If the suite was exited due to an exception" in view  # indented prose stays
+
+
+def test_junk_words_stay_prose_to_be_judged() -> None:
+    spam = "cheap watches discount watches best price watches luxury watches free shipping"
+    assert prose(spam) == spam
+    mash = "asdfghjkl qwertyuiop zxcvbnm asdf"
+    assert prose(f"{mash}\n\n```\nx = 1\n```") == mash
+    german = "Öffnen Sie die Anmeldeseite und klicken Sie auf Passwort vergessen."
+    assert prose(german) == german
+    # Spam links lose their targets, not their words.
+    assert prose("[cheap watches](https://x.example.com/a) https://y.example.com/b buy now") == \
+        "cheap watches buy now"
+
+
+def test_chat_gopher_rules_skip_what_one_short_sentence_cannot_show() -> None:
+    from datatrove.data import Document
+
+    from tasks.prose import ChatGopherQualityFilter, ChatGopherRepetitionFilter
+    from tasks.words import RunCachedWordTokenizer
+
+    words = RunCachedWordTokenizer()
+    top = ((2, 0.3), (3, 0.28), (4, 0.26))
+    datatrove_rep = ChatGopherRepetitionFilter(top_n_grams=top, language=words)
+    chat_rep = ChatGopherRepetitionFilter(top_n_grams=top, top_n_gram_min_count=2, language=words)
+    question = Document(text="Can you explain this part of beartype?", id="q")
+    assert datatrove_rep.filter(question) == (False, "top_3_gram")  # a unique 3-gram, 'weighed'
+    assert chat_rep.filter(question) is True
+    spam = Document(text="buy now buy now buy now cheap cheap watches", id="s")
+    assert chat_rep.filter(spam) == datatrove_rep.filter(spam) == (False, "top_2_gram")
+
+    quality = ChatGopherQualityFilter(min_doc_words=5, min_stop_words=1, stop_words_min_words=15,
+                                      language=words)
+    assert quality.filter(Document(text="Quick question about cloudpickle. Installation",
+                                   id="q")) is True
+    keywords = ("cheap watches discount watches best price watches luxury watches free shipping "
+                "replica bags outlet sale designer bags lowest prices")
+    assert quality.filter(Document(text=keywords, id="k")) == (False, "gopher_enough_stop_words")
