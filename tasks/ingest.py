@@ -29,7 +29,7 @@ from typing import Any, Iterator
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters import LanguageFilter
-from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
 from datatrove.utils.lid import FT176LID
 
 from data_contracts.config import ConfigError, IngestConfig
@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 # C0 controls except tab/newline/carriage return, DEL, and the replacement character that
 # marks bytes lost in an earlier bad decode: none of them is recoverable text.
 BAD_CHARS = re.compile(r"[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Text ftfy leaves as it is under RepairEncoding's settings: printable ASCII, tab and line
+# breaks (no mojibake, C1 control, surrogate, terminal escape or control character to fix).
+NOT_PLAIN_ASCII = re.compile(r"[^\t\n\r\x20-\x7e]")
 WORD = re.compile(r"[^\W_]+")
 HAS_FTFY = importlib.util.find_spec("ftfy") is not None
 
@@ -133,7 +136,8 @@ class RepairEncoding(PipelineStep):
         for doc in data:
             rec = _record(doc)
             texts = rec.texts()
-            fixed = [self._fix(t, self._config) for t in texts]
+            fixed = [t if NOT_PLAIN_ASCII.search(t) is None else self._fix(t, self._config)
+                     for t in texts]
             if fixed != texts:
                 rec = rec.with_texts(fixed)
                 rec.meta["encoding_repaired"] = True
@@ -160,16 +164,22 @@ class EncodingFilter(BaseFilter):
 
 
 class MinWordsFilter(BaseFilter):
-    """Drop records with fewer than ``min_words`` words (tokens with a letter or digit)."""
+    """Drop records with fewer than ``min_words`` words (tokens with a letter or digit).
+
+    With ``words`` (the Gopher filters' tokenizer) the count comes from its per-run sums: a
+    ``[^\\W_]+`` word never spans whitespace, so a text's count is the sum of its runs'.
+    """
 
     name = "min_words"
 
-    def __init__(self, min_words: int) -> None:
+    def __init__(self, min_words: int, words: RunCachedWordTokenizer | None = None) -> None:
         super().__init__()
         self.min_words = min_words
+        self.words = words
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        n = len(WORD.findall(doc.text))
+        n = (self.words.analyse(doc.text).alnum_words if self.words is not None
+             else len(WORD.findall(doc.text)))
         if n >= self.min_words:
             return True
         doc.metadata["drop_details"] = {"words": n}
@@ -356,7 +366,15 @@ class LocalFT176LID(FT176LID):
 
 
 class LocalLanguageFilter(LanguageFilter):
-    """datatrove's LanguageFilter on a local lid.176 model (works offline)."""
+    """datatrove's LanguageFilter on a local lid.176 model (works offline).
+
+    A batch is identified in one fastText call asking for the 2 best labels only (a text seen
+    lately is not asked again). When the best
+    is unique (ahead of the second) and wanted (or any language is), the decision needs no
+    other score: every wanted score is at most the best one, so "some wanted score > threshold"
+    is "best score > threshold". Otherwise the record goes through datatrove's own filter (all
+    176 labels), as does every record when an option this shortcut does not cover is set.
+    """
 
     name = "language"
 
@@ -365,11 +383,44 @@ class LocalLanguageFilter(LanguageFilter):
         super().__init__(languages=languages, language_threshold=language_threshold)
         self.model = LocalFT176LID(model_path, languages)
         self.seen: Counter[str] = Counter()  # top language of every record scored
+        # best label, its score, whether it is ahead of the second: per text identified lately
+        # (a repeated text is not identified again: fastText's answer is the same)
+        self._best: dict[str, tuple[str, float, bool]] = {}
+        self.max_remembered = 4096
 
     def filter(self, doc: Document) -> bool:
         keep = super().filter(doc)
         self.seen[doc.metadata["language"]] += 1
         return keep
+
+    def filter_batch(self, batch: list[Document]) -> list[bool | tuple[bool, str]]:
+        if self.label_only or self.keep_top_pairs_threshold != -1 or self.backend != "ft176":
+            return [self.filter(doc) for doc in batch]
+        best = self._best
+        if len(best) + len(batch) > self.max_remembered:
+            best.clear()
+        new = list(dict.fromkeys(doc.text for doc in batch if doc.text not in best))
+        if new:
+            # one line each, as fastText's predict() makes it (datatrove replaces the newlines)
+            lines = [text.replace("\n", " ") + "\n" for text in new]
+            labels, scores = self.model.model.f.multilinePredict(lines, 2, 0.0, "strict")
+            for text, top, probs in zip(new, labels, scores):
+                # float32 scores as Python floats, as datatrove's predict has them (compared
+                # with a numpy float32, the threshold would be rounded to float32)
+                probs = probs.tolist()
+                unique = len(probs) < 2 or probs[1] != probs[0]
+                best[text] = (top[0].split("__")[2], probs[0], unique)
+        results: list[bool | tuple[bool, str]] = []
+        wanted = self.languages
+        for doc in batch:
+            lang, score, unique = best[doc.text]
+            if not unique or (wanted and lang not in wanted):
+                results.append(self.filter(doc))  # datatrove's own filter, all 176 labels
+                continue
+            doc.metadata["language"], doc.metadata["language_score"] = lang, score
+            self.seen[lang] += 1
+            results.append(score > self.language_threshold)
+        return results
 
 
 def resolve_lid_model(cfg: IngestConfig, home: str | Path) -> Path:
@@ -416,14 +467,14 @@ def build_filters(cfg: IngestConfig, home: str | Path, base_model: str = "",
     """The filter steps in the order they run, from the stage's config."""
     # Gopher's stop-word list is English: with other languages wanted it would drop them all.
     english_only = cfg.languages == ["en"]
-    steps: list[BaseFilter] = [EncodingFilter(), MinWordsFilter(cfg.min_words),
+    words = RunCachedWordTokenizer()  # datatrove's English word splitting, shared by all three
+    steps: list[BaseFilter] = [EncodingFilter(), MinWordsFilter(cfg.min_words, words),
                                MaxCharsFilter(cfg.max_chars)]
     if tokenizer := _tokenizer_name(cfg, base_model):
         steps.append(TokenLengthFilter(load_tokenizer(tokenizer, home, trust_remote_code),
                                        cfg.min_tokens, cfg.max_tokens))
     steps.append(LocalLanguageFilter(resolve_lid_model(cfg, home), cfg.languages or None,
                                      cfg.language_threshold))
-    words = RunCachedWordTokenizer()  # datatrove's English word splitting, shared by both
     if cfg.gopher_quality:
         steps.append(ChatGopherQualityFilter(
             min_doc_words=cfg.gopher_min_doc_words,
@@ -513,17 +564,40 @@ def _take_stats(steps: list[PipelineStep]) -> _Stats:
     return stats
 
 
+def _run_filter(step: BaseFilter, docs: list[Document]) -> list[Document]:
+    """datatrove's BaseFilter.run over a list, minus its per-document stats and generator
+    plumbing: the documents kept, in order; each dropped one goes to the step's exclusion
+    writer with its reason. Batch filters get datatrove's batches (batch_size documents);
+    the others get the whole list at once (``filter_batch`` is ``filter`` on each, unless
+    the filter batches its own work, as language id does)."""
+    size = step.batch_size if step.batch_size > 1 else max(len(docs), 1)
+    writer = step.exclusion_writer
+    kept: list[Document] = []
+    for start in range(0, len(docs), size):
+        batch = docs[start:start + size]
+        for doc, result in zip(batch, step.filter_batch(batch)):
+            keep, reason = get_filter_result(result)
+            if keep:
+                kept.append(doc)
+                continue
+            if reason:
+                doc.metadata["filter_reason"] = reason
+            writer.write(doc)
+    return kept
+
+
 def judge(steps: list[PipelineStep], records: list[ChatSample]) -> tuple[list[Verdict], _Stats]:
     """Every record's verdict, in input order, after the steps (repair, then the filters in
-    order: the first filter that drops a record names the reason)."""
+    order: the first filter that drops a record names the reason). Each step takes the whole
+    chunk in turn; a filter's decision on a record depends on that record alone, so this is
+    datatrove's document-by-document pipeline with the same results."""
     collectors = [step.exclusion_writer for step in steps if isinstance(step, BaseFilter)]
     for collector in collectors:
         collector.drops = {}
-    docs: DocumentsPipeline = (
-        Document(text=_doc_text(rec), id=rec.id, metadata={"record": rec, "i": i})
-        for i, rec in enumerate(records))
+    docs = [Document(text=_doc_text(rec), id=rec.id, metadata={"record": rec, "i": i})
+            for i, rec in enumerate(records)]
     for step in steps:
-        docs = step.run(docs)
+        docs = _run_filter(step, docs) if isinstance(step, BaseFilter) else list(step.run(docs))
     kept = {doc.metadata["i"]: _kept_record(doc) for doc in docs}
     drops = {i: d for collector in collectors for i, d in collector.drops.items()}
     return [kept[i] if i in kept else drops[i] for i in range(len(records))], _take_stats(steps)

@@ -125,26 +125,51 @@ PATCHES: tuple[Patch, ...] = (
     ),
     Patch(
         "datatrove", "0.10.1", "tasks.words:RunCachedWordTokenizer",
-        "a WordTokenizer giving SpaCyTokenizer('en')'s words: spaCy's English tokenizer built "
-        "from its defaults (not spacy.blank), run once per distinct whitespace-free run; thinc "
-        "imported with torch hidden",
+        "a WordTokenizer giving SpaCyTokenizer('en')'s words: each distinct whitespace-free run "
+        "split once by spaCy's algorithm on spaCy's English rules (tasks.words:EnglishRules), "
+        "a text whose runs need spaCy's special-case pass tokenized by spaCy whole",
         "datatrove builds spaCy Doc/Token objects for every record inside memory_zone() (40% of "
         "ingest), and spacy.blank loads presidio, transformers and torch through an entry point",
         "tests/test_words.py::test_words_are_exactly_datatrove_spacy_words",
     ),
     Patch(
+        "spacy", "3.8.18", "tasks.words:EnglishRules",
+        "ports Tokenizer._split_affixes/_attach_tokens (tokenizer.pyx) to Python on "
+        "English.Defaults' prefix/suffix/infix/URL regexes and exceptions, and rebuilds which "
+        "exceptions the special-case matcher holds (faster_heuristics) and how they re-split",
+        "spaCy's tokenizer on each run not seen before (order numbers, versions, IDs) was ~12% "
+        "of ingest; thinc is imported with torch hidden",
+        "tests/test_words.py::test_words_match_spacy_on_symbol_soup",
+        via="presidio-analyzer",
+    ),
+    Patch(
         "datatrove", "0.10.1", "tasks.words:FastGopherRepetitionFilter",
         "subclasses GopherRepetitionFilter, overriding filter (reads its thresholds and private "
-        "_line_splitter / paragraph_exp) with the same rules on word tuples",
+        "_line_splitter / paragraph_exp) with the same rules: a bound before counting top "
+        "n-grams, duplicate n-grams walked over the windows that can repeat",
         "datatrove's pure-Python n-gram search was a quarter of ingest's time",
         "tests/test_words.py::test_gopher_rules_decide_as_datatrove",
     ),
     Patch(
         "datatrove", "0.10.1", "tasks.words:FastGopherQualityFilter",
         "subclasses GopherQualityFilter, overriding filter (reads its thresholds) with the same "
-        "rules, per-word questions remembered per distinct word",
+        "rules on per-run sums of the per-word questions",
         "the per-word generator expressions were a third of what remained after tokenizing",
         "tests/test_words.py::test_gopher_rules_decide_as_datatrove",
+    ),
+    Patch(
+        "datatrove", "0.10.1", "tasks.ingest:LocalLanguageFilter",
+        "subclasses LanguageFilter, adding filter_batch: one fastText call per batch for the 2 "
+        "best labels, datatrove's own filter where the best label is tied or not wanted",
+        "datatrove's per-record predict asks for all 176 labels; fastText lid was ~20% of ingest",
+        "tests/test_words.py::test_language_batch_decides_as_datatrove",
+    ),
+    Patch(
+        "datatrove", "0.10.1", "tasks.ingest:_run_filter",
+        "runs a BaseFilter over a list (filter_batch, exclusion writer, filter_reason) in "
+        "place of BaseFilter.run, without its per-document stats",
+        "datatrove's step/batch/stat plumbing was ~10% of ingest",
+        "tests/test_words.py::test_judge_decides_as_datatrove_filters",
     ),
     Patch(
         "datatrove", "0.10.1", "tasks.ingest:LocalFT176LID",
