@@ -8,6 +8,11 @@ stage's wall time and its CPU time (this process + its worker processes): on a s
 the CPU time is the figure that does not depend on what else runs. Start-up (imports, loading
 fastText and spaCy) cancels out as in bench_scale: rate = (N - warm) / (t_N - t_warm). The
 decisions (kept, or the filter and rule that dropped it) are compared record for record.
+
+    .venv/bin/python benchmarks/bench_ingest.py --steps [--records 10000]
+
+times each step of this checkout's chain instead (CPU time per record, in this process, after
+the warm-up records have filled the caches), and reading + parsing the corpus: what remains.
 """
 
 from __future__ import annotations
@@ -64,9 +69,49 @@ def decisions(out: Path) -> dict[str, str]:
     return found
 
 
+def steps_profile(corpus: Path, warm: int) -> None:
+    """CPU time per record of each step of judge()'s chain (see tasks.ingest.judge)."""
+    from collections import Counter
+
+    from data_contracts.config import load_config
+    from tasks import ingest
+    from tasks.io import Quarantined, iter_input
+
+    cfg = load_config(None, ["ingest.workers=1"])
+    t0 = time.process_time()
+    records = [r for r in iter_input(str(corpus)) if not isinstance(r, Quarantined)]
+    read = (time.process_time() - t0) / len(records)
+    steps = ingest.build_steps(cfg.ingest, ingest.build_filters(cfg.ingest, cfg.run.home))
+    spent: Counter[str] = Counter()
+    for k in range(0, len(records), ingest.CHUNK):
+        for step in steps:
+            if isinstance(step, ingest.BaseFilter):
+                step.exclusion_writer.drops = {}
+        t = time.process_time()
+        docs = [ingest.Document(text=ingest._doc_text(r), id=r.id, metadata={"record": r, "i": i})
+                for i, r in enumerate(records[k:k + ingest.CHUNK])]
+        spent["documents"] += (time.process_time() - t) * (k >= warm)
+        for step in steps:
+            t = time.process_time()
+            docs = (ingest._run_filter(step, docs) if isinstance(step, ingest.BaseFilter)
+                    else list(step.run(docs)))
+            spent[type(step).__name__] += (time.process_time() - t) * (k >= warm)
+        ingest._take_stats(steps)
+    timed = len(records) - (warm + ingest.CHUNK - 1) // ingest.CHUNK * ingest.CHUNK
+    total = sum(spent.values())
+    print(f"Steps on {timed:,} records after {len(records) - timed:,} warm-up ones: "
+          f"{total / timed * 1e6:,.0f} us CPU per record\n\n| step | us CPU per record | share |"
+          "\n|---|---:|---:|")
+    for name, cpu in spent.most_common():
+        print(f"| {name} | {cpu / timed * 1e6:,.1f} | {cpu / total:.0%} |")
+    print(f"| (reading + parsing the corpus, not in the total) | {read * 1e6:,.1f} | |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--before", type=Path, required=True, help="the checkout to compare with")
+    ap.add_argument("--before", type=Path, help="the checkout to compare with")
+    ap.add_argument("--steps", action="store_true",
+                    help="time each step of this checkout's chain instead (see above)")
     ap.add_argument("--records", type=int, default=20_000)
     ap.add_argument("--warmup-records", type=int, default=1000)
     ap.add_argument("--workers", default="1,0", help="ingest.workers values for this checkout")
@@ -77,6 +122,11 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     sizes = (args.warmup_records, args.records)
     corpora = {n: write_corpus(args.workdir / f"corpus-{n}.jsonl", n, 7) for n in sizes}
+    if args.steps:
+        steps_profile(corpora[args.records], args.warmup_records)
+        return
+    if args.before is None:
+        ap.error("--before is required (or --steps)")
     cases = [("before", args.before.resolve(), [])]
     cases += [(f"after, workers={w}", REPO, [f"ingest.workers={w}"])
               for w in args.workers.split(",")]
