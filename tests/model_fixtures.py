@@ -63,13 +63,26 @@ def write_stage_dir(out_dir: Path, train: list[ChatSample],
     return out_dir
 
 
-def build_train_dir(out_dir: Path, home: Path, steps: int = 30, lr: float = 3e-3) -> Path:
+def shuffle_replies(chats: list[ChatSample], seed: int = 0) -> list[ChatSample]:
+    """The same chats with their final replies permuted across chats (seeded): the replies'
+    words and format stay, the link between a question and its reply is gone."""
+    replies = [c.messages[-1] for c in chats]
+    random.Random(seed).shuffle(replies)
+    return [c.model_copy(update={"messages": [*c.messages[:-1], reply]})
+            for c, reply in zip(chats, replies)]
+
+
+def build_train_dir(out_dir: Path, home: Path, steps: int = 30, lr: float = 3e-3,
+                    shuffled: bool = False) -> Path:
     """A train stage dir written by the real train stage (tasks/train.py): LoRA on the tiny base
-    over small support chats; cached, since the stage skips itself when it is up to date."""
+    over small support chats (their replies shuffled across chats when asked); cached, since
+    the stage skips itself when it is up to date."""
     from data_contracts.config import TrainConfig
     from tasks.train import run_train
 
-    data = write_stage_dir(out_dir.parent / f"{out_dir.name}-data", support_chats(64, seed=1),
+    chats = support_chats(64, seed=1)
+    data = write_stage_dir(out_dir.parent / f"{out_dir.name}-data",
+                           shuffle_replies(chats) if shuffled else chats,
                            support_chats(8, seed=2, prefix="h"))
     cfg = TrainConfig(method="lora", max_steps=steps, learning_rate=lr, batch_size=8,
                       warmup_ratio=0.0, eval_steps=steps, save_steps=steps, logging_steps=5)
