@@ -289,13 +289,13 @@ class Check:
         if self.base is None or self.tuned is None or not math.isfinite(self.change):
             return f"{self.kind} {self.name}: missing or not finite (base {self.base}, tuned " \
                    f"{self.tuned})"
-        fmt = (lambda v: format_change(self.metric, v))
-        need = (f"needed >= {fmt(self.bound)}" if self.kind == "target"
-                else f"allowed >= {fmt(-self.bound)}")
+        need = (f"needed >= {format_change(self.metric, self.bound)}" if self.kind == "target"
+                else f"allowed >= {format_change(self.metric, -self.bound)}")
         if self.kind == "target" and self.min_stderrs and self.diff_stderr is not None:
             need += f" and >= {self.min_stderrs:g} stderr of the difference ({self.diff_stderr:.2g})"
         return (f"{self.kind} {self.name} ({direction} is better) {_pm(self.base, self.base_stderr)}"
-                f" -> {_pm(self.tuned, self.tuned_stderr)}: {fmt(self.change)} ({need})")
+                f" -> {_pm(self.tuned, self.tuned_stderr)}: {format_change(self.metric, self.change)}"
+                f" ({need})")
 
 
 def _pm(value: float, stderr: float | None) -> str:
