@@ -428,9 +428,10 @@ class EvaluateConfig(_Section):
     seed: int = 0  # picks the multiple-choice distractors and the general passages
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # The gate: every target metric gains at least min_gain (relative for perplexities and bits
-    # per byte: 0.05 = 5% better than base; absolute for accuracies: 0.05 = 5 points) and at
-    # least min_gain_stderrs standard errors of the difference (sqrt(base_stderr^2 +
-    # tuned_stderr^2)), and every general task loses at most max_regression (relative).
+    # per byte: 0.05 = 5% better than base; absolute for accuracies: 0.05 = 5 points), an
+    # accuracy also at least min_gain_stderrs standard errors of the difference
+    # (sqrt(base_stderr^2 + tuned_stderr^2)); every general task loses at most max_regression
+    # (relative).
     targets: list[str] = Field(default_factory=lambda: ["ftflow_heldout_ppl.word_perplexity"])
     min_gain: float = 0.0
     min_gain_stderrs: float = Field(1.0, ge=0.0)
