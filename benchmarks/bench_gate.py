@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -32,42 +31,16 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from data_contracts.config import EvaluateConfig  # noqa: E402
 from data_contracts.manifest import Manifest  # noqa: E402
-from model_fixtures import (build_train_dir, one_torch_thread, shuffle_replies,  # noqa: E402
-                            support_chats, write_stage_dir)
+from model_fixtures import (build_train_dir, damaged_train_dir, one_torch_thread,  # noqa: E402
+                            shuffle_replies, support_chats, train_dir_with_model,
+                            write_stage_dir)
 from tasks.evaluate import MC_TASK, PPL_TASK, PROSE_TASK, run_evaluate  # noqa: E402
 
 TARGETS = [f"{PPL_TASK}.word_perplexity", f"{MC_TASK}.acc_mutual_info"]
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    for f in src.glob("*"):
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(f, dst)
-
-
-def _as_train_dir(root: Path, like: Path, model: object) -> Path:
-    """A train manifest like ``like``'s whose merged model is ``model``."""
-    info = {**Manifest.read(like).info}
-    model.save_pretrained(root / "merged")  # type: ignore[attr-defined]
-    _copy_tokenizer(Path(info["merged_dir"]), root / "merged")
-    info["merged_dir"] = str(root / "merged")
-    Manifest(stage="train", info=info).write(root)
-    return root
-
-
 def damaged(root: Path, train_dir: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if (root / "manifest.json").exists():
-        return root
-    model = AutoModelForCausalLM.from_pretrained(Manifest.read(train_dir).info["merged_dir"])
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if weight.dim() == 2 and "embed" not in name:
-                weight.add_(torch.randn(weight.shape, generator=gen) * 3.0 * weight.std())
-    return _as_train_dir(root, train_dir, model)
+    return root if (root / "manifest.json").exists() else damaged_train_dir(root, train_dir)
 
 
 def full_finetune(root: Path, train_dir: Path, shuffled: bool, steps: int) -> Path:
@@ -101,7 +74,7 @@ def full_finetune(root: Path, train_dir: Path, shuffled: bool, steps: int) -> Pa
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-    return _as_train_dir(root, train_dir, model)
+    return train_dir_with_model(root, train_dir, model)
 
 
 def _cell(m: Manifest, task: str, metric: str, change: bool = True) -> str:

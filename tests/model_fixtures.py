@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from data_contracts.records import ChatSample, Message, content_id
 from tasks.stage_dir import StageWriter
@@ -89,3 +89,37 @@ def build_train_dir(out_dir: Path, home: Path, steps: int = 30, lr: float = 3e-3
     with one_torch_thread():
         run_train(data, out_dir, cfg, home=home, seed=0)
     return out_dir
+
+
+def train_dir_with_model(root: Path, train_dir: Path, model: Any) -> Path:
+    """A train manifest like train_dir's whose merged model is ``model`` (saved under root,
+    with train_dir's tokenizer)."""
+    import shutil
+
+    from data_contracts.manifest import Manifest
+
+    info = {**Manifest.read(train_dir).info}
+    model.save_pretrained(root / "merged")
+    for tokenizer_file in Path(info["merged_dir"]).glob("*"):
+        if tokenizer_file.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(tokenizer_file, root / "merged")
+    info["merged_dir"] = str(root / "merged")
+    Manifest(stage="train", info=info).write(root)
+    return root
+
+
+def damaged_train_dir(root: Path, train_dir: Path) -> Path:
+    """The tuned model of train_dir with its weights damaged (seeded noise at 3x each matrix's
+    spread), as a broken merge or quantization would leave it; a train manifest pointing to it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from data_contracts.manifest import Manifest
+
+    model = AutoModelForCausalLM.from_pretrained(Manifest.read(train_dir).info["merged_dir"])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2 and "embed" not in name:
+                weight.add_(torch.randn(weight.shape, generator=gen) * 3.0 * weight.std())
+    return train_dir_with_model(root, train_dir, model)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-from model_fixtures import support_chats, write_stage_dir
+from model_fixtures import damaged_train_dir, support_chats, write_stage_dir
 
 from data_contracts.config import EvaluateConfig, PipelineConfig, TeacherConfig
 from data_contracts.manifest import Manifest
@@ -136,26 +135,9 @@ def test_reports_and_task_files(evaluated: tuple[Path, Manifest], data_dir: Path
 
 @pytest.fixture(scope="module")
 def degraded_train_dir(tmp_path_factory: pytest.TempPathFactory, train_dir: Path) -> Path:
-    """The tuned model with its weights damaged (seeded noise at 3x each matrix's spread),
-    as a broken merge or quantization would leave it; a train manifest that points to it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("degraded")
-    info = {**Manifest.read(train_dir).info}
-    model = AutoModelForCausalLM.from_pretrained(info["merged_dir"])
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if weight.dim() == 2 and "embed" not in name:
-                weight.add_(torch.randn(weight.shape, generator=gen) * 3.0 * weight.std())
-    model.save_pretrained(root / "merged")
-    for tokenizer_file in Path(info["merged_dir"]).glob("*"):
-        if tokenizer_file.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(tokenizer_file, root / "merged")
-    info["merged_dir"] = str(root / "merged")
-    Manifest(stage="train", info=info).write(root)
-    return root
+    """The tuned model with its weights damaged, as a broken merge or quantization would leave
+    it; a train manifest that points to it."""
+    return damaged_train_dir(tmp_path_factory.mktemp("degraded"), train_dir)
 
 
 def test_gate_fails_on_regression_for_a_damaged_model(
