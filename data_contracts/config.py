@@ -428,6 +428,7 @@ class TrainConfig(_Section):
 EVAL_METRICS = (
     "ftflow_heldout_ppl.word_perplexity", "ftflow_heldout_ppl.byte_perplexity",
     "ftflow_heldout_ppl.bits_per_byte", "ftflow_heldout_mc.acc", "ftflow_heldout_mc.acc_norm",
+    "ftflow_heldout_mc.acc_mutual_info",
 )
 
 
@@ -453,10 +454,14 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(8, gt=0, le=MAX_BATCH)
     seed: int = 0  # picks the multiple-choice distractors and the general passages
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # The gate: every target metric gains at least min_gain (relative: 0.05 = 5% better than
-    # base) and every general task loses at most max_regression (relative) on its metric.
+    # The gate: every target metric gains at least min_gain (relative for perplexities and bits
+    # per byte: 0.05 = 5% better than base; absolute for accuracies: 0.05 = 5 points), an
+    # accuracy also at least min_gain_stderrs standard errors of the difference
+    # (sqrt(base_stderr^2 + tuned_stderr^2)); every general task loses at most max_regression
+    # (relative).
     targets: list[str] = Field(default_factory=lambda: ["ftflow_heldout_ppl.word_perplexity"])
     min_gain: float = 0.0
+    min_gain_stderrs: float = Field(1.0, ge=0.0)
     max_regression: float = Field(0.10, ge=0.0)
     # General tasks (the forgetting check): held-out passages of the builtin base's pretraining
     # prose (0 = none; judged on bits per byte), and lm-eval task names ("task" or

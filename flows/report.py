@@ -9,6 +9,7 @@ from rich.table import Table
 
 from data_contracts.config import PipelineConfig
 from data_contracts.manifest import Manifest
+from tasks.evaluate import format_change
 from tasks.ledger import LEDGER_COLUMNS, ledger_markdown, ledger_rows  # noqa: F401 (re-exported)
 from tasks.stages import spec
 from tasks.tracking import run_url
@@ -54,7 +55,8 @@ def benchmark_table(metrics: dict[str, float], train_metrics: dict[str, float]) 
     for role, name, change in gate_rows(metrics):
         checked.add(name)
         cmp.add_row(role, name, _with_stderr(metrics, "base", name),
-                    _with_stderr(metrics, "tuned", name), f"{change:+.1%}")
+                    _with_stderr(metrics, "tuned", name),
+                    format_change(name.split(".", 1)[-1], change))
     for name, base, tuned in comparison_rows(metrics):
         if name not in checked:
             cmp.add_row("", name, f"{base:.4g}", f"{tuned:.4g}", "")

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 PPL_TASK = "ftflow_heldout_ppl"
 MC_TASK = "ftflow_heldout_mc"
 PROSE_TASK = "ftflow_general_prose"
+MC_METRICS = ("acc", "acc_norm", "acc_mutual_info")
 PROSE_METRIC = "bits_per_byte"  # log scale: word perplexity magnifies small shifts
 HF_CACHE = ".hf-datasets-cache"
 # The metric a general lm-eval task is judged on when the config names only the task.
@@ -47,6 +48,17 @@ Scores = dict[str, dict[str, float]]  # {task: {metric: value, "metric_stderr": 
 def lower_is_better(metric: str) -> bool:
     """Perplexities and bits per byte fall as a model improves; accuracies rise."""
     return "perplexity" in metric or "bits_per_byte" in metric
+
+
+def in_points(metric: str) -> bool:
+    """Accuracies are compared in absolute points: a relative gain over a base at or near
+    chance (0.2 -> 0.3 is "+50%") says little."""
+    return metric.startswith("acc") or metric in ("exact_match", "f1", "mcc")
+
+
+def format_change(metric: str, change: float) -> str:
+    """A gate change as the gate reads it: points for accuracies, else relative."""
+    return f"{change * 100:+.1f} pts" if in_points(metric) else f"{change:+.1%}"
 
 
 def _metric_entry(name: str, aggregation: str) -> dict[str, Any]:
@@ -92,10 +104,20 @@ def mc_items(records: list[ChatSample], tokenizer: Any, num_choices: int,
         if len(choices) < 2:
             continue
         rng.shuffle(choices)
-        context = _render(tokenizer, [m.model_dump() for m in conv[:-1]], prompt=True)
+        context = _render(tokenizer, [m.model_dump() for m in conv[:-1]])
         items.append({"id": rec.id, "context": context, "choices": choices,
                       "label": choices.index(truth)})
     return items
+
+
+def generation_prompt(tokenizer: Any) -> str:
+    """What the chat template appends to open the assistant's turn ("<|im_start|>assistant\\n"):
+    the multiple-choice task's target delimiter, between the conversation and each reply."""
+    turn = [{"role": "user", "content": "x"}]
+    bare, opened = _render(tokenizer, turn), _render(tokenizer, turn, prompt=True)
+    if not opened.startswith(bare):
+        raise ValueError("the chat template's generation prompt is not a suffix of the chat")
+    return opened[len(bare):]
 
 
 def write_tasks(records: list[ChatSample], tokenizer: Any, tasks_dir: Path,
@@ -112,10 +134,14 @@ def write_tasks(records: list[ChatSample], tokenizer: Any, tasks_dir: Path,
     specs = {
         PPL_TASK: (ppl_rows, rolling),
         MC_TASK: (mc_rows, {
-            # The context ends with the generation prompt, so the reply follows directly.
+            # Each reply follows the generation prompt (the delimiter). acc_mutual_info makes
+            # lm-eval also score every reply after the delimiter alone, with no conversation,
+            # and picks by loglik(reply | chat) - loglik(reply | no chat): whether the reply
+            # belongs to this chat, not whether it is a likely reply at all.
             "output_type": "multiple_choice", "doc_to_text": "context",
-            "doc_to_choice": "choices", "doc_to_target": "label", "target_delimiter": "",
-            "metric_list": [_metric_entry("acc", "mean"), _metric_entry("acc_norm", "mean")]}),
+            "doc_to_choice": "choices", "doc_to_target": "label",
+            "target_delimiter": generation_prompt(tokenizer),
+            "metric_list": [_metric_entry(m, "mean") for m in MC_METRICS]}),
         PROSE_TASK: (prose_rows, rolling),
     }
     names = []
@@ -238,23 +264,38 @@ class Check:
     tuned: float | None
     base_stderr: float | None
     tuned_stderr: float | None
-    change: float  # relative, positive = tuned is better (nan when a value is missing)
-    bound: float  # target: the gain needed; general: the loss allowed
+    # positive = tuned is better; absolute points for accuracies, else relative to the base
+    # (nan when a value is missing)
+    change: float
+    bound: float  # target: the gain needed; general: the loss allowed (same units as change)
     passed: bool
+    # accuracy target: the gain must also reach min_stderrs standard errors of the difference,
+    # sqrt(base_stderr^2 + tuned_stderr^2) (0: not asked; not applied when a stderr is missing)
+    min_stderrs: float = 0.0
 
     @property
     def name(self) -> str:
         return f"{self.task}.{self.metric}"
+
+    @property
+    def diff_stderr(self) -> float | None:
+        errs = (self.base_stderr, self.tuned_stderr)
+        if any(e is None or not math.isfinite(e) for e in errs):
+            return None
+        return math.hypot(*errs)  # type: ignore[arg-type]
 
     def describe(self) -> str:
         direction = "lower" if lower_is_better(self.metric) else "higher"
         if self.base is None or self.tuned is None or not math.isfinite(self.change):
             return f"{self.kind} {self.name}: missing or not finite (base {self.base}, tuned " \
                    f"{self.tuned})"
-        need = (f"needed >= {self.bound:+.1%}" if self.kind == "target"
-                else f"allowed >= {-self.bound:+.1%}")
+        need = (f"needed >= {format_change(self.metric, self.bound)}" if self.kind == "target"
+                else f"allowed >= {format_change(self.metric, -self.bound)}")
+        if self.kind == "target" and self.min_stderrs and self.diff_stderr is not None:
+            need += f" and >= {self.min_stderrs:g} stderr of the difference ({self.diff_stderr:.2g})"
         return (f"{self.kind} {self.name} ({direction} is better) {_pm(self.base, self.base_stderr)}"
-                f" -> {_pm(self.tuned, self.tuned_stderr)}: {self.change:+.1%} ({need})")
+                f" -> {_pm(self.tuned, self.tuned_stderr)}: {format_change(self.metric, self.change)}"
+                f" ({need})")
 
 
 def _pm(value: float, stderr: float | None) -> str:
@@ -273,19 +314,32 @@ def primary_metric(entry: str, scores: dict[str, float]) -> str:
 
 
 def check(kind: str, task: str, metric: str, base: Scores, tuned: Scores,
-          bound: float) -> Check:
-    """Compare one metric of base and tuned against its bound (relative change)."""
+          bound: float, min_stderrs: float = 0.0) -> Check:
+    """Compare one metric of base and tuned against its bound: the change is in absolute
+    points for accuracies, relative to the base for the rest. An accuracy target must also gain
+    at least min_stderrs standard errors of the difference, when both stderrs are known."""
     b, t = base.get(task, {}).get(metric), tuned.get(task, {}).get(metric)
     bs, ts = (base.get(task, {}).get(f"{metric}_stderr"),
               tuned.get(task, {}).get(f"{metric}_stderr"))
+    # Only accuracies: a word perplexity's bootstrap stderr over a few documents is on an
+    # exponential scale and unpaired (base and tuned score the same documents), so it would
+    # fail a fine-tune that improves every single document.
+    z = min_stderrs if kind == "target" and in_points(metric) else 0.0
     if b is None or t is None or not (math.isfinite(b) and math.isfinite(t)):
-        return Check(kind, task, metric, b, t, bs, ts, math.nan, bound, False)
+        return Check(kind, task, metric, b, t, bs, ts, math.nan, bound, False, z)
     gain = (b - t) if lower_is_better(metric) else (t - b)
-    change = gain / abs(b) if b else (math.inf if gain > 0 else 0.0 if gain == 0 else -math.inf)
-    passed = change >= bound if kind == "target" else change >= -bound
+    if in_points(metric):
+        change = gain
+    else:
+        change = gain / abs(b) if b else (math.inf if gain > 0 else 0.0 if gain == 0
+                                          else -math.inf)
+    eps = 1e-9  # 0.5 - 0.4 is 0.0999...: a gain of exactly the bound meets it
+    passed = change >= bound - eps if kind == "target" else change >= -bound - eps
+    result = Check(kind, task, metric, b, t, bs, ts, change, bound, passed, z)
     if kind == "target":
-        passed = passed and gain > 0
-    return Check(kind, task, metric, b, t, bs, ts, change, bound, passed)
+        noise = result.diff_stderr
+        result.passed = passed and gain > 0 and (noise is None or gain >= z * noise - eps)
+    return result
 
 
 def gate_checks(base: Scores, tuned: Scores, cfg: EvaluateConfig,
@@ -294,7 +348,8 @@ def gate_checks(base: Scores, tuned: Scores, cfg: EvaluateConfig,
     checks = []
     for metric in cfg.targets:
         task, name = metric.split(".", 1)
-        checks.append(check("target", task, name, base, tuned, cfg.min_gain))
+        checks.append(check("target", task, name, base, tuned, cfg.min_gain,
+                            cfg.min_gain_stderrs))
     for entry in general:
         task = entry.split(".", 1)[0]
         name = PROSE_METRIC if task == PROSE_TASK and "." not in entry else \
@@ -446,8 +501,11 @@ def comparison_markdown(n_records: int, checks: list[Check], results: dict[str, 
              "## Gate checks", "", "| kind | task.metric | base | tuned | change | bound | ok |",
              "|---|---|---|---|---|---|---|"]
     for c in checks:
-        change = f"{c.change:+.1%}" if math.isfinite(c.change) else "-"
-        bound = f">= {c.bound:+.1%}" if c.kind == "target" else f">= {-c.bound:+.1%}"
+        change = format_change(c.metric, c.change) if math.isfinite(c.change) else "-"
+        bound = (f">= {format_change(c.metric, c.bound)}" if c.kind == "target"
+                 else f">= {format_change(c.metric, -c.bound)}")
+        if c.kind == "target" and c.min_stderrs and c.diff_stderr is not None:
+            bound += f", >= {c.min_stderrs:g}x{c.diff_stderr:.2g}"
         lines.append(f"| {c.kind} | {c.name} | {_cell(c.base, c.base_stderr)} | "
                      f"{_cell(c.tuned, c.tuned_stderr)} | {change} | {bound} | "
                      f"{'yes' if c.passed else 'NO'} |")

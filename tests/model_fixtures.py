@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from data_contracts.records import ChatSample, Message, content_id
 from tasks.stage_dir import StageWriter
@@ -80,16 +80,63 @@ def write_stage_dir(out_dir: Path, train: list[ChatSample],
     return out_dir
 
 
-def build_train_dir(out_dir: Path, home: Path, steps: int = 30, lr: float = 3e-3) -> Path:
+def shuffle_replies(chats: list[ChatSample], seed: int = 0) -> list[ChatSample]:
+    """The same chats with their final replies permuted across chats (seeded): the replies'
+    words and format stay, the link between a question and its reply is gone."""
+    replies = [c.messages[-1] for c in chats]
+    random.Random(seed).shuffle(replies)
+    return [c.model_copy(update={"messages": [*c.messages[:-1], reply]})
+            for c, reply in zip(chats, replies)]
+
+
+def build_train_dir(out_dir: Path, home: Path, steps: int = 30, lr: float = 3e-3,
+                    shuffled: bool = False) -> Path:
     """A train stage dir written by the real train stage (tasks/train.py): LoRA on the tiny base
-    over small support chats; cached, since the stage skips itself when it is up to date."""
+    over small support chats (their replies shuffled across chats when asked); cached, since
+    the stage skips itself when it is up to date."""
     from data_contracts.config import TrainConfig
     from tasks.train import run_train
 
-    data = write_stage_dir(out_dir.parent / f"{out_dir.name}-data", support_chats(64, seed=1),
+    chats = support_chats(64, seed=1)
+    data = write_stage_dir(out_dir.parent / f"{out_dir.name}-data",
+                           shuffle_replies(chats) if shuffled else chats,
                            support_chats(8, seed=2, prefix="h"))
     cfg = TrainConfig(method="lora", max_steps=steps, learning_rate=lr, batch_size=8,
                       warmup_ratio=0.0, eval_steps=steps, save_steps=steps, logging_steps=5)
     with one_torch_thread():
         run_train(data, out_dir, cfg, home=home, seed=0)
     return out_dir
+
+
+def train_dir_with_model(root: Path, train_dir: Path, model: Any) -> Path:
+    """A train manifest like train_dir's whose merged model is ``model`` (saved under root,
+    with train_dir's tokenizer)."""
+    import shutil
+
+    from data_contracts.manifest import Manifest
+
+    info = {**Manifest.read(train_dir).info}
+    model.save_pretrained(root / "merged")
+    for tokenizer_file in Path(info["merged_dir"]).glob("*"):
+        if tokenizer_file.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(tokenizer_file, root / "merged")
+    info["merged_dir"] = str(root / "merged")
+    Manifest(stage="train", info=info).write(root)
+    return root
+
+
+def damaged_train_dir(root: Path, train_dir: Path) -> Path:
+    """The tuned model of train_dir with its weights damaged (seeded noise at 3x each matrix's
+    spread), as a broken merge or quantization would leave it; a train manifest pointing to it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from data_contracts.manifest import Manifest
+
+    model = AutoModelForCausalLM.from_pretrained(Manifest.read(train_dir).info["merged_dir"])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if weight.dim() == 2 and "embed" not in name:
+                weight.add_(torch.randn(weight.shape, generator=gen) * 3.0 * weight.std())
+    return train_dir_with_model(root, train_dir, model)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -15,7 +14,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from model_fixtures import support_chats, write_stage_dir
+import yaml
+from model_fixtures import damaged_train_dir, support_chats, write_stage_dir
 
 from data_contracts.config import EvaluateConfig, PipelineConfig, TeacherConfig
 from data_contracts.manifest import Manifest
@@ -118,8 +118,16 @@ def test_reports_and_task_files(evaluated: tuple[Path, Manifest], data_dir: Path
         rec = heldout[row["id"]]
         assert len(row["choices"]) == 3 and len(set(row["choices"])) == 3
         assert row["choices"][row["label"]] == rec.messages[-1].content
-        assert row["context"].endswith("<|im_start|>assistant\n")
+        assert row["context"].endswith("<|im_end|>\n")  # the conversation, then the delimiter
         assert rec.messages[0].content in row["context"]
+    # Each reply follows the generation prompt; acc_mutual_info also scores it without the
+    # conversation (lm-eval's ("", delimiter + reply) requests).
+    spec = yaml.safe_load((out / "tasks" / f"{MC_TASK}.yaml").read_text())
+    assert spec["target_delimiter"] == "<|im_start|>assistant\n"
+    assert [e["metric"] for e in spec["metric_list"]] == ["acc", "acc_norm", "acc_mutual_info"]
+    for label in ("base", "tuned"):
+        assert f"{label}.{MC_TASK}.acc_mutual_info" in m.metrics
+        assert f"stderr.{label}.{MC_TASK}.acc_mutual_info" in m.metrics
     prose = (out / "tasks" / f"{PROSE_TASK}.jsonl").read_text().splitlines()
     assert len(prose) == 24 and "<|im_start|>" not in prose[0]
     assert list(read_records(out, "heldout")) == list(heldout.values())[:10]
@@ -127,26 +135,9 @@ def test_reports_and_task_files(evaluated: tuple[Path, Manifest], data_dir: Path
 
 @pytest.fixture(scope="module")
 def degraded_train_dir(tmp_path_factory: pytest.TempPathFactory, train_dir: Path) -> Path:
-    """The tuned model with its weights damaged (seeded noise at 3x each matrix's spread),
-    as a broken merge or quantization would leave it; a train manifest that points to it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    root = tmp_path_factory.mktemp("degraded")
-    info = {**Manifest.read(train_dir).info}
-    model = AutoModelForCausalLM.from_pretrained(info["merged_dir"])
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, weight in model.named_parameters():
-            if weight.dim() == 2 and "embed" not in name:
-                weight.add_(torch.randn(weight.shape, generator=gen) * 3.0 * weight.std())
-    model.save_pretrained(root / "merged")
-    for tokenizer_file in Path(info["merged_dir"]).glob("*"):
-        if tokenizer_file.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(tokenizer_file, root / "merged")
-    info["merged_dir"] = str(root / "merged")
-    Manifest(stage="train", info=info).write(root)
-    return root
+    """The tuned model with its weights damaged, as a broken merge or quantization would leave
+    it; a train manifest that points to it."""
+    return damaged_train_dir(tmp_path_factory.mktemp("degraded"), train_dir)
 
 
 def test_gate_fails_on_regression_for_a_damaged_model(
@@ -189,9 +180,10 @@ def test_gate_direction_and_bounds() -> None:
     assert check("target", PPL_TASK, "word_perplexity", base, tuned, 0.1).passed
     assert not check("target", PPL_TASK, "word_perplexity", base, tuned, 0.25).passed
     acc = check("target", MC_TASK, "acc", base, tuned, 0.0)
-    assert not acc.passed and acc.change == pytest.approx(-0.2)
-    assert "higher is better" in acc.describe()
-    assert check("target", MC_TASK, "acc", tuned, base, 0.2).passed
+    assert not acc.passed and acc.change == pytest.approx(-0.1)  # points, not relative
+    assert "higher is better" in acc.describe() and "-10.0 pts" in acc.describe()
+    assert check("target", MC_TASK, "acc", tuned, base, 0.1).passed
+    assert not check("target", MC_TASK, "acc", tuned, base, 0.11).passed
     assert not check("target", MC_TASK, "acc", base, {}, 0.0).passed
     prose = check("general", PROSE_TASK, "word_perplexity", base, tuned, 0.05)
     assert not prose.passed and prose.change == pytest.approx(-0.1)
@@ -203,6 +195,32 @@ def test_gate_direction_and_bounds() -> None:
     judged = decide([check("target", PPL_TASK, "word_perplexity", base, tuned, 0.1)],
                     {"win_rate": 0.4, "judgments": 10}, min_win_rate=0.5)
     assert judged[0] is False and "judge win rate 40.0% below 50.0%" in judged[1]
+
+
+def test_accuracy_targets_gain_in_points_and_beyond_their_stderr() -> None:
+    """An accuracy gains in absolute points (0.2 -> 0.3 is +10 points, not +50%), and a target
+    must gain min_gain_stderrs standard errors of the difference: chance-level noise is no gain."""
+    base = {MC_TASK: {"acc_mutual_info": 0.2, "acc_mutual_info_stderr": 0.13}}
+    noisy = {MC_TASK: {"acc_mutual_info": 0.3, "acc_mutual_info_stderr": 0.15}}
+    real = {MC_TASK: {"acc_mutual_info": 0.9, "acc_mutual_info_stderr": 0.1}}
+    c = check("target", MC_TASK, "acc_mutual_info", base, noisy, 0.05, 1.0)
+    assert c.change == pytest.approx(0.1) and c.diff_stderr == pytest.approx(math.hypot(.13, .15))
+    assert not c.passed  # +10 points, but the difference's stderr is 0.2
+    assert "+10.0 pts (needed >= +5.0 pts and >= 1 stderr of the difference (0.2))" in c.describe()
+    assert check("target", MC_TASK, "acc_mutual_info", base, noisy, 0.05, 0.0).passed
+    assert check("target", MC_TASK, "acc_mutual_info", base, real, 0.05, 1.0).passed
+    assert not check("target", MC_TASK, "acc_mutual_info", base, real, 0.75, 1.0).passed
+    # Without a stderr the rule is not applied; a general task is never held to it.
+    assert check("target", MC_TASK, "acc", {MC_TASK: {"acc": 0.2}}, {MC_TASK: {"acc": 0.3}},
+                 0.05, 3.0).passed
+    assert check("general", MC_TASK, "acc_mutual_info", real, noisy, 0.7, 5.0).passed
+    # A perplexity gains relative to the base, held to min_gain only (its bootstrap stderr over
+    # a few documents is on an exponential scale).
+    ppl = check("target", PPL_TASK, "word_perplexity",
+                {PPL_TASK: {"word_perplexity": 100.0, "word_perplexity_stderr": 30.0}},
+                {PPL_TASK: {"word_perplexity": 80.0, "word_perplexity_stderr": 30.0}}, 0.1, 1.0)
+    assert ppl.change == pytest.approx(0.2) and ppl.passed and ppl.min_stderrs == 0
+    assert "stderr of the difference" not in ppl.describe()
 
 
 def test_old_gate_keys_still_load() -> None:

@@ -208,7 +208,8 @@ def test_lmeval_tasks_run_on_a_copy(exported, tmp_path: Path) -> None:
     (tmp_path / "orig").mkdir()
     orig = lm_eval(str(out / "merged"), str(out / "lm-eval"), tmp_path / "orig")
     for task, metric in (("ftflow_heldout_ppl", "word_perplexity,none"),
-                         ("ftflow_heldout_mc", "acc,none")):
+                         ("ftflow_heldout_mc", "acc,none"),
+                         ("ftflow_heldout_mc", "acc_mutual_info,none")):
         assert copy["results"][task][metric] == pytest.approx(orig["results"][task][metric],
                                                               rel=1e-6), (task, metric)
     assert copy["n-samples"]["ftflow_heldout_ppl"]["effective"] == 6
