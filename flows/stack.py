@@ -252,6 +252,10 @@ def _base_env(home: Path, prefect_port: int) -> dict[str, str]:
                PREFECT_UI_API_URL=f"http://{HOST}:{prefect_port}/api")
     for key in ("PREFECT_API_URL", "FTFLOW_TRACKING_URI"):  # never another stack's
         env.pop(key, None)
+    # MLflow 3's server starts 7 job-queue consumers (GenAI scorers, optimizers, trace
+    # roll-ups; ~290 MB each, ~2 GB in all) that ftflow never uses; a user who wants them sets
+    # the variable to true.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     return env
 
 
