@@ -89,6 +89,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
               ) -> None:
+        self._release()  # answered: the client may send its next request from here on
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -109,12 +110,19 @@ class Handler(BaseHTTPRequestHandler):
             attempt = st.attempts.get(key, 0)
             st.attempts[key] = attempt + 1
             st.inflight += 1
-            inflight = st.inflight  # requests being handled now, this one included
+            inflight = st.inflight  # requests held and not yet answered, this one included
+        self._held = True
         try:
             self._answer(body, messages, user, key, attempt, inflight)
         finally:
-            with st.lock:
-                st.inflight -= 1
+            self._release()
+
+    def _release(self) -> None:
+        """This request no longer counts as in flight (once, when its answer starts)."""
+        if getattr(self, "_held", False):
+            self._held = False
+            with self.state.lock:
+                self.state.inflight -= 1
 
     def _answer(self, body: dict[str, Any], messages: list[dict[str, str]], user: str,
                 key: str, attempt: int, inflight: int) -> None:

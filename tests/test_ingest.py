@@ -362,7 +362,11 @@ def _shipped_answers() -> list[tuple[str, str]]:
 
     import pydoc_data.topics
 
-    texts = [(name, importlib.metadata.metadata(name).get_payload() or "")
+    def readme(name: str) -> str:  # the METADATA file's body: the long description
+        raw = importlib.metadata.distribution(name).read_text("METADATA") or ""
+        return raw.split("\n\n", 1)[1] if "\n\n" in raw else ""
+
+    texts = [(name, readme(name))
              for name in ("datatrove", "peft", "accelerate", "ftfy", "datasketch", "pydantic")]
     texts += [(f"Python's {k}", pydoc_data.topics.topics[k]) for k in ("with", "formatstrings")]
     found = []
@@ -381,7 +385,7 @@ def _shipped_answers() -> list[tuple[str, str]]:
 def test_default_ingest_keeps_technical_chats_from_shipped_docs_and_drops_junk(
         tmp_path: Path, home: Path) -> None:
     answers = _shipped_answers()
-    assert len(answers) == 8
+    assert len(answers) == 8, [name for name, _ in answers]
     junk = [
         _chat("soup-fence", "!!!@@@ ### $$$ %%% ^^^", "```\n??? *** ((( )))\n```"),
         _chat("mash-code", "asdfghjkl qwertyuiop zxcvbnm asdf",
