@@ -236,7 +236,7 @@ ALNUM_WORD = re.compile(r"[^\W_]+")
 
 
 class TextWords:
-    """A text's words, with the per-word sums the Gopher quality rules need and its count of
+    r"""A text's words, with the per-word sums the Gopher quality rules need and its count of
     ``[^\W_]+`` words."""
 
     __slots__ = ("words", "non_symbol", "non_symbol_chars", "alpha", "alnum_words")
