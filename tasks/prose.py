@@ -40,7 +40,7 @@ from typing import Any
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
-from tasks.words import FastGopherQualityFilter, FastGopherRepetitionFilter, _windows
+from tasks.words import FastGopherQualityFilter, FastGopherRepetitionFilter, word_windows
 
 # --- blocks -------------------------------------------------------------------------------
 FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.M | re.S)
@@ -302,7 +302,7 @@ class ChatGopherRepetitionFilter(FastGopherRepetitionFilter):
         top_n_grams = self.top_n_grams
         self.top_n_grams = tuple(  # type: ignore[assignment]
             (n, frac) for n, frac in top_n_grams if len(words) >= n and Counter(
-                _windows(words, n)).most_common(1)[0][1] >= self.top_n_gram_min_count)
+                word_windows(words, n)).most_common(1)[0][1] >= self.top_n_gram_min_count)
         try:
             return super().filter(doc)
         finally:

@@ -339,7 +339,7 @@ class RunCachedWordTokenizer(WordTokenizer):
         raise NotImplementedError("word splitting only")
 
 
-def _windows(words: list[str], n: int) -> Iterator[tuple[str, ...]]:
+def word_windows(words: list[str], n: int) -> Iterator[tuple[str, ...]]:
     """The n-word windows of words, as tuples (built in C by zip)."""
     return zip(*(words[k:] for k in range(n)))
 
@@ -419,7 +419,7 @@ class FastGopherRepetitionFilter(GopherRepetitionFilter):
                 continue
             if n >= 1 and not (n * heaviest + (n - 1) * most) / len(text) > n_frac:
                 continue  # the bound is under the threshold: so is the top n-gram
-            top, count = Counter(_windows(words, n)).most_common(1)[0]
+            top, count = Counter(word_windows(words, n)).most_common(1)[0]
             if (sum(map(len, top)) + n - 1) * count / len(text) > n_frac:
                 return False, f"top_{n}_gram"
         if not self.dup_n_grams:
