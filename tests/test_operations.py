@@ -115,13 +115,6 @@ SMALL = ['ingest.inputs=["data/chat.jsonl"]', "augment.enabled=false", "train.ma
          "export.register_if_gate_fails=true", "run.experiment=ops"]
 
 
-def _pgid(proc: Path) -> int | None:
-    try:
-        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def _cmdline(proc: Path) -> bytes:
     try:
         return (proc / "cmdline").read_bytes()
@@ -187,8 +180,9 @@ def test_up_records_and_status_reports(stack) -> None:
     assert st["prefect"]["port"] == stack.ports[0] and st["mlflow"]["port"] == stack.ports[1]
     assert all(st[c]["pid"] == st[c]["pgid"] for c in ("prefect", "mlflow", "worker"))
     # MLflow's server without its GenAI job consumers (7 processes, ~2 GB)
-    mlflow_group = [p for p in Path("/proc").glob("[0-9]*")
-                    if _pgid(p) == st["mlflow"]["pgid"]]
+    from flows.stack import _members  # what `down` stops: the component's live processes
+
+    mlflow_group = [Path(f"/proc/{pid}") for pid in _members(st["mlflow"])]
     assert mlflow_group and not [p for p in mlflow_group if b"huey" in _cmdline(p)]
     r = ftflow("status", env=stack.env, cwd=stack.cwd, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
