@@ -47,7 +47,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
          f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
+        # no GenAI job consumers (7 processes, ~2 GB): the registry needs none of them
+        env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true",
+                 MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600  # a busy 2-core machine takes minutes to import mlflow
     while True:

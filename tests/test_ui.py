@@ -31,7 +31,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 RUN = ["augment.enabled=false", "train.max_steps=10", "train.eval_steps=5",
        "train.save_steps=10", "train.logging_steps=2", "evaluate.max_samples=8",
-       "export.model_name=ftflow-ui", "run.experiment=ftflow-ui"]
+       "export.model_name=ftflow-ui", "export.gguf=[]", "run.experiment=ftflow-ui"]
 WAIT_MS = 60_000
 
 
