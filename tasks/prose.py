@@ -40,6 +40,8 @@ from typing import Any
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
+from datatrove.pipeline.filters.gopher_quality_filter import STOP_WORDS as GOPHER_STOP_WORDS
+
 from tasks.words import FastGopherQualityFilter, FastGopherRepetitionFilter, word_windows
 
 # --- blocks -------------------------------------------------------------------------------
@@ -135,6 +137,7 @@ HUSKS = re.compile(r"\([\s,;]*\)|\[[\s,;]*\]|\{\s*\}|\"\s*\"|“\s*”|'\s*'|"
                    r"(?<=[,;:])(?:\s*[,;:])+")
 LETTERS = re.compile(r"[^\W\d_]{2,}")  # what a prose line is made of: words of letters
 WORD = re.compile(r"[^\W_]+")
+STOP_WORDS = frozenset(GOPHER_STOP_WORDS)
 
 
 def _blocks(text: str) -> list[str]:
@@ -258,7 +261,9 @@ class ChatGopherQualityFilter(FastGopherQualityFilter):
     """Gopher's quality rules, the stop-word rule only on a text of ``stop_words_min_words``
     words or more (words with a letter or digit; 0: on every text, as datatrove).
 
-    Gopher asks two stop words (the, be, to, of, and, that, have, with) of 50-word web pages.
+    Gopher asks two stop words (the, be, to, of, and, that, have, with) of 50-word web pages,
+    in any case: "The docs say this:" holds one (datatrove's list is lowercase and matched as
+    written, so a changelog line or a question whose only stop word opens a sentence failed).
     A chat's prose is often one short question beside code ("Quick question about httpx."):
     no stop word there says nothing, while a keyword list of 15 words and more still has to
     show one. The rule runs last, as in datatrove, so a text failing another rule is named
@@ -277,7 +282,7 @@ class ChatGopherQualityFilter(FastGopherQualityFilter):
         if len(WORD.findall(doc.text)) < self.stop_words_min_words:
             return True
         words = self.language.word_tokenize(doc.text)
-        if len(self.stop_words.intersection(words)) < self.stop_word_rule:
+        if len(self.stop_words.intersection(map(str.lower, words))) < self.stop_word_rule:
             return False, "gopher_enough_stop_words"
         return True
 
@@ -307,6 +312,13 @@ class ChatGopherRepetitionFilter(FastGopherRepetitionFilter):
             return super().filter(doc)
         finally:
             self.top_n_grams = top_n_grams
+
+
+def short_english(text: str, max_words: int) -> bool:
+    """Whether text is short (under max_words words) and holds one of Gopher's English stop
+    words, in any case: evidence of English where fastText has too little to go on."""
+    words = WORD.findall(text)
+    return len(words) < max_words and not STOP_WORDS.isdisjoint(w.lower() for w in words)
 
 
 class FullText(PipelineStep):
