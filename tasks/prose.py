@@ -133,11 +133,23 @@ RUN_SPANS = re.compile("|".join([
 # A character each of LINKS' and LINE_SPANS' patterns needs: a line without one is left as is.
 LINK_HINT = re.compile(r"[<@*]|://|www\.|~~")
 SPAN_HINT = re.compile(r"[`<>=!~^|{]")
-RUN_CACHE: dict[str, str] = {}
+
+
+class _RunCache(dict[str, str]):
+    """A run's rest once its RUN_SPANS are set aside, computed on first sight (a look-up
+    from C for a run seen before, which most are)."""
+
+    def __missing__(self, run: str) -> str:
+        rest = self[run] = RUN_SPANS.sub(" ", run)
+        return rest
+
+
+RUN_CACHE = _RunCache()
 MAX_RUNS = 200_000  # bound on RUN_CACHE (a corpus of IDs adds runs without end)
 # What set-aside spans leave behind: empty brackets and quotes, runs of separators.
-HUSKS = re.compile(r"\([\s,;]*\)|\[[\s,;]*\]|\{\s*\}|\"\s*\"|“\s*”|'\s*'|"
-                   r"(?<=[,;:])(?:\s*[,;:])+")
+# A run of separators keeps its first (group 1); scanned only on a line with a hint of one.
+HUSKS = re.compile(r"([,;:])(?:\s*[,;:])+|\([\s,;]*\)|\[[\s,;]*\]|\{\s*\}|\"\s*\"|“\s*”|'\s*'")
+HUSK_HINT = re.compile(r"[(\[{\"“']|[,;:]\s*[,;:]")
 LETTERS = re.compile(r"[^\W\d_]{2,}")  # what a prose line is made of: words of letters
 WORD = re.compile(r"[^\W_]+")
 STOP_WORDS = frozenset(GOPHER_STOP_WORDS)
@@ -196,15 +208,18 @@ def _spanless(line: str) -> str:
         line = LINE_SPANS.sub(" ", line)
     if "(" in line:
         line = CALLS.sub(" ", line)
-    out = []
-    for run in line.split():
-        rest = RUN_CACHE.get(run)
-        if rest is None:
-            if len(RUN_CACHE) >= MAX_RUNS:
-                RUN_CACHE.clear()
-            rest = RUN_CACHE[run] = RUN_SPANS.sub(" ", run)
-        out.append(rest)
-    return " ".join(out)
+    if len(RUN_CACHE) >= MAX_RUNS:
+        RUN_CACHE.clear()
+    return " ".join(map(RUN_CACHE.__getitem__, line.split()))
+
+
+def _husk(match: re.Match[str]) -> str:
+    return f"{sep} " if (sep := match.group(1)) else " "
+
+
+def _husked(line: str) -> str:
+    """line without the empty brackets, quotes and separator runs its spans left."""
+    return HUSKS.sub(_husk, line) if HUSK_HINT.search(line) else line
 
 
 def _prose_line(line: str) -> tuple[str, str]:
@@ -217,7 +232,7 @@ def _prose_line(line: str) -> tuple[str, str]:
     if CODE_LINE.match(line):
         return "", ""
     unlinked = _unlinked(line)
-    rest = HUSKS.sub(" ", _spanless(unlinked)).split()
+    rest = _husked(_spanless(unlinked)).split()
     letters = sum(map(len, LETTERS.findall(" ".join(rest))))
     if not letters or letters < 0.6 * len("".join(rest)):
         return "", ""  # a line of symbols, numbers and set-aside spans
