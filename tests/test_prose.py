@@ -134,3 +134,19 @@ def test_chat_gopher_rules_skip_what_one_short_sentence_cannot_show() -> None:
     keywords = ("cheap watches discount watches best price watches luxury watches free shipping "
                 "replica bags outlet sale designer bags lowest prices")
     assert quality.filter(Document(text=keywords, id="k")) == (False, "gopher_enough_stop_words")
+    # Gopher's stop words in any case: a changelog line of 15 words whose one stop word opens
+    # the sentence holds one ('The'), the keyword list above still none.
+    changelog = ("The docs say this: Add support for lazy imports by @Viicos in pydantic core "
+                 "schema release notes")
+    assert quality.filter(Document(text=changelog, id="c")) is True
+
+
+def test_short_english_is_a_short_text_with_a_gopher_stop_word() -> None:
+    from tasks.prose import short_english
+
+    assert short_english("How do I use cymem? The docs say this:", 15)
+    assert short_english("Can you explain this part of loguru?", 15)
+    assert not short_english("asdfghjkl qwertyuiop zxcvbnm asdf", 15)  # keyboard mash
+    assert not short_english("Wie installiere ich das Paket? Ich bekomme einen Fehler.", 15)
+    assert not short_english("cheap watches discount watches best price", 15)
+    assert not short_english("How do I use cymem? The docs say this: " * 2, 15)  # 18 words
