@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from operator import mul
 from typing import Any
 
 from datatrove.data import Document, DocumentsPipeline
@@ -338,10 +339,20 @@ class ChatGopherRepetitionFilter(FastGopherRepetitionFilter):
         if self.top_n_gram_min_count <= 1:
             return super().filter(doc)
         words = self.language.word_tokenize(doc.text)
+        if not words:
+            return super().filter(doc)
+        counts = Counter(words)
+        most = max(counts.values())
+        # An n-gram of n words weighs at most n * max(count(w) * len(w)) + (n - 1) * max
+        # count(w) characters (tasks/words.py): under the bar, the rule cannot fire whether the
+        # n is kept or not, so its windows are not counted.
+        heaviest = max(map(mul, counts.values(), map(len, counts)))
         top_n_grams = self.top_n_grams
         self.top_n_grams = tuple(  # type: ignore[assignment]
-            (n, frac) for n, frac in top_n_grams if len(words) >= n and Counter(
-                word_windows(words, n)).most_common(1)[0][1] >= self.top_n_gram_min_count)
+            (n, frac) for n, frac in top_n_grams if len(words) >= n and (
+                not (n * heaviest + (n - 1) * most) / len(doc.text) > frac
+                or most >= self.top_n_gram_min_count and Counter(
+                    word_windows(words, n)).most_common(1)[0][1] >= self.top_n_gram_min_count))
         try:
             return super().filter(doc)
         finally:
