@@ -317,6 +317,8 @@ class ChatGopherQualityFilter(FastGopherQualityFilter):
         if len(WORD.findall(doc.text)) < self.stop_words_min_words:
             return True
         words = self.language.word_tokenize(doc.text)
+        if len(self.stop_words.intersection(words)) >= self.stop_word_rule:
+            return True  # most texts: no need to lowercase them
         if len(self.stop_words.intersection(map(str.lower, words))) < self.stop_word_rule:
             return False, "gopher_enough_stop_words"
         return True
