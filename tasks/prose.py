@@ -29,6 +29,10 @@ included.
 A chat's prose is often one short question beside code, where two of Gopher's rules fire on
 nothing: the stop-word rule (``ChatGopherQualityFilter``: asked of texts of some length only)
 and the top-n-gram rule (``ChatGopherRepetitionFilter``: an n-gram seen once is no repetition).
+Language id fails on it too: a question naming a package fastText never saw scores P(en) ~0.2,
+like keyboard mash. Below the length where the stop-word rule is asked, a stop word is taken
+as the evidence of English instead (``short_english``; tasks/ingest.py's ``LocalLanguageFilter``
+then asks only ``ingest.language_short_threshold``). Gopher's stop words match in any case.
 """
 
 from __future__ import annotations
