@@ -219,6 +219,7 @@ def alone(rows: list[ChatSample], clean: int, cfg: IngestConfig, home: Path,
 
 
 WHOLE_TEXT = ["ingest.gopher_prose_only=false", "ingest.language_threshold=0.65",
+              "ingest.language_short_threshold=null",
               "ingest.gopher_min_alpha_words_ratio=0.65", "ingest.gopher_stop_words_min_words=0",
               "ingest.repetition_dup_ngram_frac=0.15", "ingest.repetition_top_ngram_min_count=1"]
 

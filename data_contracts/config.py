@@ -96,6 +96,12 @@ class IngestConfig(_Section):
     # low even in English ("How do I use httpx? The docs say this:": 0.2); keyboard mash
     # scored 0.23 at most and other languages ~0 (benchmarks/bench_technical.py).
     language_threshold: float = Field(0.25, ge=0.0, le=1.0)
+    # ... or, with languages ["en"], P(en) above this for a text shorter than
+    # gopher_stop_words_min_words that holds a Gopher stop word (the, to, of, ...; any case):
+    # the stop word is the evidence a short question naming a package lacks for fastText
+    # ("How do I use cymem? The docs say this:" 0.2). Keyboard mash and other languages hold
+    # none. None: off.
+    language_short_threshold: float | None = Field(0.05, ge=0.0, le=1.0)
     lid_model: str = ""  # path to lid.176.ftz/bin; default: <home>/assets/lid.176.ftz
     repair_encoding: bool = True  # fix mojibake with ftfy before the filters judge the text
     min_words: int = Field(3, ge=0, le=MAX_WORDS)  # words with a letter or digit, over all turns

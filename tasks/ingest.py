@@ -45,7 +45,13 @@ from tasks.words import (
     FastGopherRepetitionFilter,
     RunCachedWordTokenizer,
 )
-from tasks.prose import ChatGopherQualityFilter, ChatGopherRepetitionFilter, FullText, ProseOnly
+from tasks.prose import (
+    ChatGopherQualityFilter,
+    ChatGopherRepetitionFilter,
+    FullText,
+    ProseOnly,
+    short_english,
+)
 from tasks.quality import QualityModel
 
 log = logging.getLogger(__name__)
@@ -379,8 +385,14 @@ class LocalLanguageFilter(LanguageFilter):
     name = "language"
 
     def __init__(self, model_path: str | Path, languages: list[str] | None,
-                 language_threshold: float) -> None:
+                 language_threshold: float, short_threshold: float | None = None,
+                 short_words: int = 15) -> None:
         super().__init__(languages=languages, language_threshold=language_threshold)
+        # English only: a text under short_words words holding a Gopher stop word needs
+        # P(en) > short_threshold ("How do I use cymem? The docs say this:" scores 0.2 beside a
+        # README table: fastText has seven words and a name it never saw to go on)
+        self.short_threshold = short_threshold if languages == ["en"] else None
+        self.short_words = short_words
         self.model = LocalFT176LID(model_path, languages)
         self.seen: Counter[str] = Counter()  # top language of every record scored
         # best label, its score, whether it is ahead of the second: per text identified lately
@@ -391,7 +403,13 @@ class LocalLanguageFilter(LanguageFilter):
     def filter(self, doc: Document) -> bool:
         keep = super().filter(doc)
         self.seen[doc.metadata["language"]] += 1
-        return keep
+        return keep or self._short_english(doc)
+
+    def _short_english(self, doc: Document) -> bool:
+        """A short English text that fastText scores low: its P(en) over short_threshold."""
+        if self.short_threshold is None or not short_english(doc.text, self.short_words):
+            return False
+        return self.model.predict(doc)[1].get("en", 0.0) > self.short_threshold
 
     def filter_batch(self, batch: list[Document]) -> list[bool | tuple[bool, str]]:
         if self.label_only or self.keep_top_pairs_threshold != -1 or self.backend != "ft176":
@@ -419,7 +437,7 @@ class LocalLanguageFilter(LanguageFilter):
                 continue
             doc.metadata["language"], doc.metadata["language_score"] = lang, score
             self.seen[lang] += 1
-            results.append(score > self.language_threshold)
+            results.append(score > self.language_threshold or self._short_english(doc))
         return results
 
 
@@ -474,7 +492,8 @@ def build_filters(cfg: IngestConfig, home: str | Path, base_model: str = "",
         steps.append(TokenLengthFilter(load_tokenizer(tokenizer, home, trust_remote_code),
                                        cfg.min_tokens, cfg.max_tokens))
     steps.append(LocalLanguageFilter(resolve_lid_model(cfg, home), cfg.languages or None,
-                                     cfg.language_threshold))
+                                     cfg.language_threshold, cfg.language_short_threshold,
+                                     cfg.gopher_stop_words_min_words))
     if cfg.gopher_quality:
         steps.append(ChatGopherQualityFilter(
             min_doc_words=cfg.gopher_min_doc_words,

@@ -29,16 +29,23 @@ included.
 A chat's prose is often one short question beside code, where two of Gopher's rules fire on
 nothing: the stop-word rule (``ChatGopherQualityFilter``: asked of texts of some length only)
 and the top-n-gram rule (``ChatGopherRepetitionFilter``: an n-gram seen once is no repetition).
+Language id fails on it too: a question naming a package fastText never saw scores P(en) ~0.2,
+like keyboard mash. Below the length where the stop-word rule is asked, a stop word is taken
+as the evidence of English instead (``short_english``; tasks/ingest.py's ``LocalLanguageFilter``
+then asks only ``ingest.language_short_threshold``). Gopher's stop words match in any case.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from operator import mul
 from typing import Any
 
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
+
+from datatrove.pipeline.filters.gopher_quality_filter import STOP_WORDS as GOPHER_STOP_WORDS
 
 from tasks.words import FastGopherQualityFilter, FastGopherRepetitionFilter, word_windows
 
@@ -128,13 +135,29 @@ RUN_SPANS = re.compile("|".join([
     r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b",  # hashes
     r"\$\{?\w+\}?",  # shell variables
 ]))
-RUN_CACHE: dict[str, str] = {}
+# A character each of LINKS' and LINE_SPANS' patterns needs: a line without one is left as is.
+LINK_HINT = re.compile(r"[<@*]|://|www\.|~~")
+SPAN_HINT = re.compile(r"[`<>=!~^|{]")
+
+
+class _RunCache(dict[str, str]):
+    """A run's rest once its RUN_SPANS are set aside, computed on first sight (a look-up
+    from C for a run seen before, which most are)."""
+
+    def __missing__(self, run: str) -> str:
+        rest = self[run] = RUN_SPANS.sub(" ", run)
+        return rest
+
+
+RUN_CACHE = _RunCache()
 MAX_RUNS = 200_000  # bound on RUN_CACHE (a corpus of IDs adds runs without end)
 # What set-aside spans leave behind: empty brackets and quotes, runs of separators.
-HUSKS = re.compile(r"\([\s,;]*\)|\[[\s,;]*\]|\{\s*\}|\"\s*\"|“\s*”|'\s*'|"
-                   r"(?<=[,;:])(?:\s*[,;:])+")
+# A run of separators keeps its first (group 1); scanned only on a line with a hint of one.
+HUSKS = re.compile(r"([,;:])(?:\s*[,;:])+|\([\s,;]*\)|\[[\s,;]*\]|\{\s*\}|\"\s*\"|“\s*”|'\s*'")
+HUSK_HINT = re.compile(r"[(\[{\"“']|[,;:]\s*[,;:]")
 LETTERS = re.compile(r"[^\W\d_]{2,}")  # what a prose line is made of: words of letters
 WORD = re.compile(r"[^\W_]+")
+STOP_WORDS = frozenset(GOPHER_STOP_WORDS)
 
 
 def _blocks(text: str) -> list[str]:
@@ -169,38 +192,56 @@ def _blocks(text: str) -> list[str]:
 
 
 def _unlinked(line: str) -> str:
-    """line without images, link targets, URLs, addresses, HTML tags and emphasis marks."""
-    return LINKS.sub(" ", RST_LINK.sub(r"\1", MD_LINK.sub(r"\1", MD_IMAGE.sub(" ", line))))
+    """line without images, link targets, URLs, addresses, HTML tags and emphasis marks.
+
+    Each pattern runs only on a line holding a character it cannot match without (most lines
+    of a chat hold none): the same result, without scanning every line four times."""
+    if "[" in line:
+        if "![" in line:
+            line = MD_IMAGE.sub(" ", line)
+        line = MD_LINK.sub(r"\1", line)
+    if "`" in line and "<" in line:
+        line = RST_LINK.sub(r"\1", line)
+    if LINK_HINT.search(line):
+        line = LINKS.sub(" ", line)
+    return line
 
 
 def _spanless(line: str) -> str:
     """line without its technical tokens."""
-    line = LINE_SPANS.sub(" ", line)
+    if SPAN_HINT.search(line):
+        line = LINE_SPANS.sub(" ", line)
     if "(" in line:
         line = CALLS.sub(" ", line)
-    out = []
-    for run in line.split():
-        rest = RUN_CACHE.get(run)
-        if rest is None:
-            if len(RUN_CACHE) >= MAX_RUNS:
-                RUN_CACHE.clear()
-            rest = RUN_CACHE[run] = RUN_SPANS.sub(" ", run)
-        out.append(rest)
-    return " ".join(out)
+    if len(RUN_CACHE) >= MAX_RUNS:
+        RUN_CACHE.clear()
+    return " ".join(map(RUN_CACHE.__getitem__, line.split()))
 
 
-def _prose_line(line: str) -> str:
-    """The prose of one line: '' for a set-aside line, else its words without the spans."""
+def _husk(match: re.Match[str]) -> str:
+    return f"{sep} " if (sep := match.group(1)) else " "
+
+
+def _husked(line: str) -> str:
+    """line without the empty brackets, quotes and separator runs its spans left."""
+    return HUSKS.sub(_husk, line) if HUSK_HINT.search(line) else line
+
+
+def _prose_line(line: str) -> tuple[str, str]:
+    """The prose of one line and the line as the repetition rules read it: ('', '') for a
+    set-aside line, else its words without the spans, and the line without its links and
+    list mark."""
     if not line.strip() or SET_ASIDE_LINE.match(line):
-        return ""
+        return "", ""
     line = LIST_MARK.sub("", line, count=1)
     if CODE_LINE.match(line):
-        return ""
-    rest = HUSKS.sub(" ", _spanless(_unlinked(line)))
-    letters = sum(map(len, LETTERS.findall(rest)))
-    if not letters or letters < 0.6 * len("".join(rest.split())):
-        return ""  # a line of symbols, numbers and set-aside spans
-    return " ".join(rest.split())
+        return "", ""
+    unlinked = _unlinked(line)
+    rest = _husked(_spanless(unlinked)).split()
+    letters = sum(map(len, LETTERS.findall(" ".join(rest))))
+    if not letters or letters < 0.6 * len("".join(rest)):
+        return "", ""  # a line of symbols, numbers and set-aside spans
+    return " ".join(rest), " ".join(unlinked.split())
 
 
 def views(text: str) -> tuple[str, str]:
@@ -210,9 +251,10 @@ def views(text: str) -> tuple[str, str]:
     duplicates)."""
     words, lines = [], []
     for line in _blocks(text):
-        if p := _prose_line(line):
+        p, kept = _prose_line(line)
+        if p:
             words.append(p)
-            lines.append(" ".join(_unlinked(LIST_MARK.sub("", line, count=1)).split()))
+            lines.append(kept)
     return "\n".join(words), "\n".join(lines)
 
 
@@ -258,7 +300,9 @@ class ChatGopherQualityFilter(FastGopherQualityFilter):
     """Gopher's quality rules, the stop-word rule only on a text of ``stop_words_min_words``
     words or more (words with a letter or digit; 0: on every text, as datatrove).
 
-    Gopher asks two stop words (the, be, to, of, and, that, have, with) of 50-word web pages.
+    Gopher asks two stop words (the, be, to, of, and, that, have, with) of 50-word web pages,
+    in any case: "The docs say this:" holds one (datatrove's list is lowercase and matched as
+    written, so a changelog line or a question whose only stop word opens a sentence failed).
     A chat's prose is often one short question beside code ("Quick question about httpx."):
     no stop word there says nothing, while a keyword list of 15 words and more still has to
     show one. The rule runs last, as in datatrove, so a text failing another rule is named
@@ -277,7 +321,9 @@ class ChatGopherQualityFilter(FastGopherQualityFilter):
         if len(WORD.findall(doc.text)) < self.stop_words_min_words:
             return True
         words = self.language.word_tokenize(doc.text)
-        if len(self.stop_words.intersection(words)) < self.stop_word_rule:
+        if len(self.stop_words.intersection(words)) >= self.stop_word_rule:
+            return True  # most texts: no need to lowercase them
+        if len(self.stop_words.intersection(map(str.lower, words))) < self.stop_word_rule:
             return False, "gopher_enough_stop_words"
         return True
 
@@ -299,14 +345,31 @@ class ChatGopherRepetitionFilter(FastGopherRepetitionFilter):
         if self.top_n_gram_min_count <= 1:
             return super().filter(doc)
         words = self.language.word_tokenize(doc.text)
+        if not words:
+            return super().filter(doc)
+        counts = Counter(words)
+        most = max(counts.values())
+        # An n-gram of n words weighs at most n * max(count(w) * len(w)) + (n - 1) * max
+        # count(w) characters (tasks/words.py): under the bar, the rule cannot fire whether the
+        # n is kept or not, so its windows are not counted.
+        heaviest = max(map(mul, counts.values(), map(len, counts)))
         top_n_grams = self.top_n_grams
         self.top_n_grams = tuple(  # type: ignore[assignment]
-            (n, frac) for n, frac in top_n_grams if len(words) >= n and Counter(
-                word_windows(words, n)).most_common(1)[0][1] >= self.top_n_gram_min_count)
+            (n, frac) for n, frac in top_n_grams if len(words) >= n and (
+                not (n * heaviest + (n - 1) * most) / len(doc.text) > frac
+                or most >= self.top_n_gram_min_count and Counter(
+                    word_windows(words, n)).most_common(1)[0][1] >= self.top_n_gram_min_count))
         try:
             return super().filter(doc)
         finally:
             self.top_n_grams = top_n_grams
+
+
+def short_english(text: str, max_words: int) -> bool:
+    """Whether text is short (under max_words words) and holds one of Gopher's English stop
+    words, in any case: evidence of English where fastText has too little to go on."""
+    words = WORD.findall(text)
+    return len(words) < max_words and not STOP_WORDS.isdisjoint(w.lower() for w in words)
 
 
 class FullText(PipelineStep):

@@ -401,17 +401,28 @@ def test_default_ingest_keeps_technical_chats_from_shipped_docs_and_drops_junk(
         _chat("spam-lines", "Get cheap watches now: run `pip install free-watches` today!",
               "\n".join(["Get cheap watches now: run `pip install free-watches` today!"] * 12)),
     ]
+    # An answer with no sentence (a table): its prose is the question alone, which fastText
+    # scores P(en) ~0.2 for the unknown package name, under language_threshold; its stop word
+    # ('The') lets it through at language_short_threshold. Keyboard mash (above) holds none.
+    table = ("| version | released | python |\n|---|---|---|\n| 2.0.11 | 2025-01-09 | >=3.9 |\n"
+             "| 2.0.10 | 2024-11-20 | >=3.9 |\n| 2.0.8 | 2023-08-05 | >=3.7 |\n")
+    no_sentence = _chat(f"tech-{len(answers)}", "How do I use cymem? The docs say this:", table)
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [
         _chat(f"tech-{i}", f"I'm reading the {name} docs and I don't get this part, can you "
               "explain it?", answer)
-        for i, (name, answer) in enumerate(answers)] + junk) + "\n")
+        for i, (name, answer) in enumerate(answers)] + [no_sentence] + junk) + "\n")
     m = run_ingest(path, tmp_path / "out", IngestConfig(workers=1), home=home).check()
     kept = [r.id for r in read_records(tmp_path / "out")]
-    assert kept == [f"tech-{i}" for i in range(len(answers))], m.filtered
+    assert kept == [f"tech-{i}" for i in range(len(answers) + 1)], m.filtered
     assert m.filtered_total == len(junk)
     # The same records judged whole, as before prose views were the default: technical text
     # fails Gopher's rules and language id.
     whole = run_ingest(path, tmp_path / "whole", IngestConfig(workers=1, gopher_prose_only=False),
                        home=home)
     assert whole.kept < len(answers)
+    # Without the short-text threshold the table's chat goes, named by language id.
+    off = run_ingest(path, tmp_path / "off", IngestConfig(workers=1, language_short_threshold=None),
+                     home=home)
+    assert off.kept == len(answers), off.filtered
+    assert off.filtered["language"] == m.filtered["language"] + 1, off.filtered

@@ -134,3 +134,45 @@ def test_chat_gopher_rules_skip_what_one_short_sentence_cannot_show() -> None:
     keywords = ("cheap watches discount watches best price watches luxury watches free shipping "
                 "replica bags outlet sale designer bags lowest prices")
     assert quality.filter(Document(text=keywords, id="k")) == (False, "gopher_enough_stop_words")
+    # Gopher's stop words in any case: a changelog line of 15 words whose one stop word opens
+    # the sentence holds one ('The'), the keyword list above still none.
+    changelog = ("The docs say this: Add support for lazy imports by @Viicos in pydantic core "
+                 "schema release notes")
+    assert quality.filter(Document(text=changelog, id="c")) is True
+
+
+def test_short_english_is_a_short_text_with_a_gopher_stop_word() -> None:
+    from tasks.prose import short_english
+
+    assert short_english("How do I use cymem? The docs say this:", 15)
+    assert short_english("Can you explain this part of loguru?", 15)
+    assert not short_english("asdfghjkl qwertyuiop zxcvbnm asdf", 15)  # keyboard mash
+    assert not short_english("Wie installiere ich das Paket? Ich bekomme einen Fehler.", 15)
+    assert not short_english("cheap watches discount watches best price", 15)
+    assert not short_english("How do I use cymem? The docs say this: " * 2, 15)  # 18 words
+
+
+def test_hint_guards_change_nothing() -> None:
+    """The link, span and husk patterns run only on lines with a hint of a match: on every
+    line, the same result as running them always (a seeded fuzz of their characters)."""
+    import random
+
+    import tasks.prose as p
+
+    rng = random.Random(7)
+    alphabet = list("ab Z1.,;:!?()[]{}<>\"“”'`*~=^|@/_-#$\t") + ["://", "www.", "![", "](",
+                                                                 "``", "~~", ">=2.0"]
+    words = ["ab", "Z1", " ", " ", "word", "w"]
+    # mostly words, a few marks: lines without a hint are common, as in real chats
+    lines = ["".join(rng.choice(alphabet if rng.random() < 0.15 else words)
+                     for _ in range(rng.randint(0, 30))) for _ in range(6000)]
+    lines += ["it ' ' is", 'say "" here', "a ,  ; b", "x |sub| y", "see ~~old~~ now",
+              "mail a@b.io", "call {x} now", "www.example.org", "list ( , ) end", "“ ” q"]
+    for line in lines:
+        always = p.LINKS.sub(" ", p.RST_LINK.sub(r"\1", p.MD_LINK.sub(
+            r"\1", p.MD_IMAGE.sub(" ", line))))
+        assert p._unlinked(line) == always, line
+        assert p._husked(line) == p.re.sub(
+            r"\([\s,;]*\)|\[[\s,;]*\]|\{\s*\}|\"\s*\"|“\s*”|'\s*'|(?<=[,;:])(?:\s*[,;:])+",
+            " ", line), line
+        assert p.SPAN_HINT.search(line) or not p.LINE_SPANS.search(line), line
