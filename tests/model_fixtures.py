@@ -20,7 +20,6 @@ TOPICS = [
     ("change my email", "Open the account settings page, edit the email and confirm the link."),
 ]
 OPENERS = ["How do I", "Can you help me", "Please tell me how to", "What is the way to"]
-PRIME_STEPS, TOPIC_STEPS, TOPIC_LR = 150, 60, 1e-2  # measured: BENCHMARKS.md, "A gate that fails"
 THANKS = ["", " Let me know if you need anything else.", " Thanks for reaching out to support."]
 
 
@@ -127,6 +126,7 @@ REPLY_TOPICS = [
     ("replace the battery", "Batteries are swapped free at any repair shop while under cover."),
 ]
 TOPIC_OPENERS = [*OPENERS, "I need to", "Explain how to"]
+PRIME_STEPS, TOPIC_STEPS, TOPIC_LR = 150, 60, 1e-2  # measured: BENCHMARKS.md, "A gate that fails"
 
 
 def topic_chats(n: int, seed: int = 0, prefix: str = "t") -> list[ChatSample]:
