@@ -1,8 +1,8 @@
 """The champion alias on a real `mlflow server` (127.0.0.1, started here): the evaluate stage's
 gate passes a real fine-tune and fails the same recipe trained on shuffled replies, and export
 of the failed one leaves champion where it was; export moves it only when the gate passed and
-the version beats the champion; `ftflow promote`/`rollback` move it,
-recorded; two promotions at once both land, in order; models:/NAME@champion loads and chats."""
+the version beats the champion; `ftflow promote`/`rollback` move it, recorded; two promotions
+at once both land, in order; models:/NAME@champion loads and chats."""
 
 from __future__ import annotations
 
