@@ -108,6 +108,103 @@ def build_train_dir(out_dir: Path, home: Path, steps: int = 30, lr: float = 3e-3
     return out_dir
 
 
+# Chats whose reply depends on the question alone: one reply per topic, each in its own words,
+# no shared template and no closing-line variants, so the reply-choice task's distractors
+# (other held-out chats' replies) are always other topics' replies.
+REPLY_TOPICS = [
+    ("reset my password", "Press forgot password on the login screen and follow the emailed link."),
+    ("download an invoice", "Every invoice sits under billing history as a printable PDF."),
+    ("get a refund", "Refunds reach the original card within five business days."),
+    ("change the delivery date", "Couriers can rebook delivery for any weekday from the tracking page."),
+    ("use a coupon", "Type the coupon code at checkout before paying; one code per order."),
+    ("close my account", "Closing an account erases saved data after a thirty day grace period."),
+    ("update my address", "Edit the address in your profile; parcels already shipped keep the old one."),
+    ("cancel my subscription", "Cancel the subscription from the plans tab; it stops at renewal."),
+    ("claim the warranty", "Warranty claims need the serial number and a photo of the fault."),
+    ("send a gift card", "Gift cards are emailed instantly and never expire."),
+    ("stop the newsletter", "Unsubscribe from the newsletter with the link at the bottom of any issue."),
+    ("replace the battery", "Batteries are swapped free at any repair shop while under cover."),
+]
+TOPIC_OPENERS = [*OPENERS, "I need to", "Explain how to"]
+PRIME_STEPS, TOPIC_STEPS, TOPIC_LR = 150, 60, 1e-2  # measured: BENCHMARKS.md, "A gate that fails"
+
+
+def topic_chats(n: int, seed: int = 0, prefix: str = "t") -> list[ChatSample]:
+    """n support chats over REPLY_TOPICS: which reply answers is decided by the question."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        topic, answer = REPLY_TOPICS[rng.randrange(len(REPLY_TOPICS))]
+        question = f"{rng.choice(TOPIC_OPENERS)} {topic}?"
+        msgs = [Message(role="user", content=question), Message(role="assistant", content=answer)]
+        out.append(ChatSample(id=f"{prefix}{i}-{content_id(None, question + str(i))[:6]}",
+                              messages=msgs))
+    return out
+
+
+def worded_base(out_dir: Path, home: Path, steps: int = PRIME_STEPS) -> Path:
+    """The tests' builtin base, trained further (every weight, plain loop, lr 1e-3) on the
+    questions and the replies of topic_chats as separate texts: a base that knows the words of
+    the domain, as a real base knows its language, and not which reply answers which question.
+    The train stage's LoRA cannot teach the test-budget base the words: trl computes the loss
+    from lm_head.weight (no adapter there), and all-linear LoRA on that base stays near 6 nats
+    a reply token after 150 steps, learning neither the replies nor their link to a question."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.base_model import resolve_base_model
+
+    if (out_dir / "model.safetensors").exists():
+        return out_dir
+    base = Path(resolve_base_model("builtin:tiny-llama", home))
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    chats = topic_chats(64, seed=1)
+    texts = sorted({c.messages[0].content for c in chats}) + [a for _, a in REPLY_TOPICS]
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        batch = rng.sample(rows, 8)
+        width = max(len(r) for r in batch)
+        ids = torch.zeros((8, width), dtype=torch.long)
+        labels = torch.full((8, width), -100)
+        mask = torch.zeros((8, width), dtype=torch.long)
+        for i, row in enumerate(batch):
+            ids[i, :len(row)], labels[i, :len(row)] = torch.tensor(row), torch.tensor(row)
+            mask[i, :len(row)] = 1
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out_dir)
+    for name in base.iterdir():  # the tokenizer and its chat template
+        if name.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(name, out_dir)
+    return out_dir
+
+
+def build_topic_train_dir(out_dir: Path, base: Path, home: Path, shuffled: bool = False,
+                          seed: int = 0) -> Path:
+    """The real train stage (LoRA, TOPIC_STEPS steps) on topic_chats over ``base`` (see
+    worded_base), the replies shuffled across chats (seeded) when asked."""
+    from data_contracts.config import TrainConfig
+    from tasks.train import run_train
+
+    chats = topic_chats(64, seed=1)
+    data = write_stage_dir(out_dir.parent / f"{out_dir.name}-data",
+                           shuffle_replies(chats, seed) if shuffled else chats,
+                           topic_chats(4, seed=2, prefix="h"))
+    cfg = TrainConfig(base_model=str(base), method="lora", max_steps=TOPIC_STEPS,
+                      learning_rate=TOPIC_LR, batch_size=8, warmup_ratio=0.0,
+                      eval_steps=TOPIC_STEPS, save_steps=TOPIC_STEPS, logging_steps=10)
+    with one_torch_thread():
+        run_train(data, out_dir, cfg, home=home, seed=seed)
+    return out_dir
+
+
 def train_dir_with_model(root: Path, train_dir: Path, model: Any) -> Path:
     """A train manifest like train_dir's whose merged model is ``model`` (saved under root,
     with train_dir's tokenizer)."""

@@ -1,6 +1,8 @@
-"""The champion alias on a real `mlflow server` (127.0.0.1, started here): export moves it only
-when the gate passed and the version beats the champion; `ftflow promote`/`rollback` move it,
-recorded; two promotions at once both land, in order; models:/NAME@champion loads and chats."""
+"""The champion alias on a real `mlflow server` (127.0.0.1, started here): the evaluate stage's
+gate passes a real fine-tune and fails the same recipe trained on shuffled replies, and export
+of the failed one leaves champion where it was; export moves it only when the gate passed and
+the version beats the champion; `ftflow promote`/`rollback` move it, recorded; two promotions
+at once both land, in order; models:/NAME@champion loads and chats."""
 
 from __future__ import annotations
 
@@ -20,13 +22,18 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from data_contracts.config import ExportConfig
+from model_fixtures import build_topic_train_dir, topic_chats, worded_base, write_stage_dir
+
+from data_contracts.config import EvaluateConfig, ExportConfig
+from data_contracts.manifest import Manifest
 from tasks import export_registry as registry
+from tasks.evaluate import MC_TASK, PPL_TASK, run_evaluate
 from tasks.export import run_export
-from test_export import CHAT, PPL, eval_dir
+from test_export import CHAT
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "ftflow-team"
+REPLY = f"{MC_TASK}.acc_mutual_info"  # the gate's target here: the reply that answers the chat
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("torch_one_thread")]
 
 
@@ -76,20 +83,60 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def released(server: str, train_dir: Path, tmp_path_factory: pytest.TempPathFactory,
-             ) -> tuple[MlflowClient, Path, Path]:
-    """Version 1 (gate passed, word perplexity 5371) then version 2 (gate failed, registered
-    because register_if_gate_fails) exported to the server; returns the client, home, out."""
+def gated(tmp_path_factory: pytest.TempPathFactory, session_home: Path,
+          ) -> dict[str, tuple[Path, Path, Manifest]]:
+    """The real train and evaluate stages, twice, with the same base, recipe and held-out chats:
+    LoRA on topic chats ("real") and on the same chats with their replies shuffled across chats
+    ("shuffled"); the gate's target is reply choice by mutual information (36 held-out chats, 4
+    choices), to gain 20 points and one stderr of the difference. {kind: (train dir, evaluate
+    dir, evaluate manifest)}."""
+    root = tmp_path_factory.mktemp("gated")
+    base = worded_base(root / "worded-base", session_home)
+    data = write_stage_dir(root / "heldout", topic_chats(4, seed=20),
+                           topic_chats(36, seed=21, prefix="h"))
+    # 20 points: the fine-tunes measured (3 seeds) gained 36-44, those on shuffled replies -8 to +8
+    cfg = EvaluateConfig(max_samples=36, num_choices=4, general_prose=0, targets=[REPLY],
+                         min_gain=0.2)
+    out = {}
+    for kind in ("real", "shuffled"):
+        train = build_topic_train_dir(root / kind, base, session_home, kind == "shuffled")
+        evaluated = root / f"eval-{kind}"
+        out[kind] = (train, evaluated, run_evaluate(data, train, evaluated, cfg, home=session_home))
+    return out
+
+
+@pytest.fixture(scope="module")
+def released(server: str, gated: dict[str, tuple[Path, Path, Manifest]],
+             tmp_path_factory: pytest.TempPathFactory) -> tuple[MlflowClient, Path, Path]:
+    """Version 1 (the real fine-tune, gate passed) then version 2 (the shuffled one, gate failed,
+    registered because register_if_gate_fails) exported to the server; returns the client, home,
+    out."""
     root = tmp_path_factory.mktemp("released")
     home = root / "home"
     cfg = ExportConfig(model_name=NAME, gguf=[], max_new_tokens=12)
-    run_export(train_dir, eval_dir(root / "ev1", True), root / "out1", cfg, tracking_uri=server,
-               home=home)
-    m2 = run_export(train_dir, eval_dir(root / "ev2", False, score=4000.0), root / "out2",
+    (real, real_eval, _), (shuffled, shuffled_eval, _) = gated["real"], gated["shuffled"]
+    run_export(real, real_eval, root / "out1", cfg, tracking_uri=server, home=home)
+    m2 = run_export(shuffled, shuffled_eval, root / "out2",
                     cfg.model_copy(update={"register_if_gate_fails": True}),
                     tracking_uri=server, home=home)
     assert m2.info["champion"] == "champion unchanged: the gate failed"
     return MlflowClient(server, registry_uri=server), home, root / "out1"
+
+
+def test_the_gate_passes_the_real_fine_tune_and_fails_the_one_on_shuffled_replies(
+        gated: dict[str, tuple[Path, Path, Manifest]]) -> None:
+    real, shuffled = gated["real"][2], gated["shuffled"][2]
+    assert real.info["gate_passed"] is True, real.info["gate"]
+    assert real.info["gate"].startswith(f"gate passed: target {REPLY}")
+    assert shuffled.info["gate_passed"] is False, shuffled.info["gate"]
+    assert shuffled.info["gate"].startswith(f"gate failed: did not gain enough: target {REPLY}")
+    # Same base, same held-out items; only the link between question and reply differs.
+    assert real.metrics[f"base.{REPLY}"] == shuffled.metrics[f"base.{REPLY}"]
+    assert real.metrics[f"tuned.{REPLY}"] > shuffled.metrics[f"tuned.{REPLY}"]
+    # Perplexity falls for both (both learn the replies' words): it cannot tell them apart.
+    ppl = f"{PPL_TASK}.word_perplexity"
+    for m in (real, shuffled):
+        assert m.metrics[f"tuned.{ppl}"] < m.metrics[f"base.{ppl}"]
 
 
 def _alias(client: MlflowClient, alias: str) -> str | None:
@@ -99,11 +146,15 @@ def _alias(client: MlflowClient, alias: str) -> str | None:
 def test_a_failed_gate_leaves_champion_and_only_a_better_score_moves_it(released) -> None:
     client, home, _ = released
     assert (_alias(client, "candidate"), _alias(client, "champion")) == ("2", "1")
-    # version 2's score is better, but its gate failed: export would not move champion
-    move, why = registry.offer_champion(client, home, NAME, "2", False, PPL, 4000.0, False)
+    tags = [client.get_model_version(NAME, v).tags for v in ("1", "2")]
+    assert [t["ftflow.gate_passed"] for t in tags] == ["True", "False"]
+    assert tags[0][registry.METRIC_TAG] == REPLY
+    score = float(tags[0][registry.SCORE_TAG])
+    # a better score with a failed gate: export would not move champion
+    move, why = registry.offer_champion(client, home, NAME, "2", False, REPLY, score + .1, True)
     assert move is None and _alias(client, "champion") == "1"
-    move, why = registry.offer_champion(client, home, NAME, "2", True, PPL, 6000.0, False)
-    assert move is None and "does not beat champion 1's 5371" in why
+    move, why = registry.offer_champion(client, home, NAME, "2", True, REPLY, score - .1, True)
+    assert move is None and f"does not beat champion 1's {score:.6g}" in why
     move, why = registry.offer_champion(client, home, NAME, "2", True, "other.metric", 1.0, True)
     assert move is None and "scored on" in why and "ftflow promote" in why
     assert _alias(client, "champion") == "1"
