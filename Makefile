@@ -35,12 +35,13 @@ $(FTFLOW_HOME)/assets/lid.176.ftz: | $(VENV)/.installed
 demo: setup
 	time $(BIN)/ftflow run configs/demo.yaml
 
-# Three pytest workers (pytest-xdist), one test module per worker at a time: the end-to-end
+# Three pytest workers (pytest-xdist), one test module per worker at a time, longest modules
+# first (tests/conftest.py orders them; --no-loadscope-reorder keeps that order): the end-to-end
 # modules spend much of their time waiting on servers, schedulers and subprocesses, so a third
 # worker fills the two cores (TEST_WORKERS=0 runs everything in one process).
 TEST_WORKERS ?= 3
 test: setup chromium slurm
-	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # The browser test (tests/test_ui.py) drives Debian's chromium through Playwright (Playwright's
 # own browser download needs the network); on a fresh Debian machine as root, install it.

@@ -97,13 +97,29 @@ def pg_databases() -> Iterator[list[str]]:
     conn.close()
 
 
+# Seconds each module took in CI (a clean 2-core machine, 3 workers; pytest --durations),
+# rounded. Only their order matters: `make test` runs modules longest first
+# (--no-loadscope-reorder keeps this order; xdist would otherwise start the modules with the
+# most tests first, which left the two longest to run last, one after the other). A module
+# missing here counts as quick.
+MODULE_SECONDS = {
+    "test_ui.py": 700, "test_pipeline_e2e.py": 550, "test_operations_pg.py": 520,
+    "test_operations.py": 450, "test_ops_concurrent.py": 360, "test_export_registry.py": 350,
+    "test_ops_signals.py": 310, "test_export.py": 250, "test_train.py": 230,
+    "test_privacy_leak.py": 200, "test_evaluate.py": 170, "test_distributed.py": 150,
+    "test_ops_tracking.py": 150, "test_train_resume.py": 100, "test_dedup_datatrove.py": 100,
+    "test_ops_stage_signal.py": 90, "test_augment_strategies.py": 60, "test_cli.py": 50,
+    "test_train_pref.py": 45, "test_dedup_slurm.py": 45, "test_augment.py": 35,
+    "test_stage_contract.py": 30,
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Modules holding slow tests first (a stable sort: the order within each group stays). With
-    `make test`'s workers (one module per worker at a time) the long end-to-end modules start
-    together and the quick ones fill in at the end, instead of one worker running the last long
-    module alone while the others idle."""
-    slow = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow)
+    """Modules longest first (a stable sort: the order within a module stays). With `make
+    test`'s workers (one module per worker at a time) the long end-to-end modules start at once
+    and the quick ones fill in at the end, instead of one worker running the last long module
+    alone while the others idle."""
+    items.sort(key=lambda item: -MODULE_SECONDS.get(item.path.name, 0))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

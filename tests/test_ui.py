@@ -45,7 +45,7 @@ def ui_stack(tmp_path_factory: pytest.TempPathFactory, session_home: Path):
     try:
         shutil.copytree(REPO / "sample_data", cwd / "sample_data")
         shutil.copy(REPO / "configs" / "demo.yaml", cwd / "demo.yaml")
-        r = ftflow("run", "demo.yaml", *RUN, env=env, cwd=cwd, timeout=600)
+        r = ftflow("run", "demo.yaml", *RUN, env=env, cwd=cwd, timeout=1200)  # a busy machine
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         print(f"ftflow run: {time.monotonic() - started:.0f}s")
         r = ftflow("deploy", "demo.yaml", "curate.min_new_records=100000", "--cron",
