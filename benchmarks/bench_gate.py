@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from common import model_bench_args, model_bench_dirs  # noqa: E402  (benchmarks/common.py)
 from data_contracts.config import EvaluateConfig  # noqa: E402
 from data_contracts.manifest import Manifest  # noqa: E402
 from model_fixtures import (build_train_dir, damaged_train_dir, one_torch_thread,  # noqa: E402
@@ -90,15 +91,10 @@ def _cell(m: Manifest, task: str, metric: str, change: bool = True) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", default="/tmp/bench-gate", help="models and stage dirs (kept)")
-    ap.add_argument("--home", default=None, help="ftflow home (default: WORK/home)")
+    model_bench_args(ap, "/tmp/bench-gate", REPO / "benchmarks" / "results" / "gate.md")
     ap.add_argument("--full-steps", type=int, default=0, help="0: no full fine-tunes")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gate.md"))
     args = ap.parse_args()
-    work = Path(args.work)
-    home = Path(args.home) if args.home else work / "home"
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work, home = model_bench_dirs(args)
     started = time.monotonic()
     with one_torch_thread():
         real = build_train_dir(work / "real", home)

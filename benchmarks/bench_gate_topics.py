@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+from common import model_bench_args, model_bench_dirs  # noqa: E402  (benchmarks/common.py)
 from data_contracts.config import EvaluateConfig  # noqa: E402
 from model_fixtures import (build_topic_train_dir, one_torch_thread, topic_chats,  # noqa: E402
                             worded_base, write_stage_dir)
@@ -31,15 +32,11 @@ REPLY = f"{MC_TASK}.acc_mutual_info"
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--work", default="/tmp/bench-gate-topics", help="models and stage dirs")
-    ap.add_argument("--home", default=None, help="ftflow home (default: WORK/home)")
+    model_bench_args(ap, "/tmp/bench-gate-topics",
+                     REPO / "benchmarks" / "results" / "gate_topics.md")
     ap.add_argument("--seeds", default="0,1,2", help="train seed = shuffle seed")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gate_topics.md"))
     args = ap.parse_args()
-    work = Path(args.work)
-    home = Path(args.home) if args.home else work / "home"
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work, home = model_bench_dirs(args)
     started, cpu = time.monotonic(), time.process_time()
     with one_torch_thread():
         base = worded_base(work / "worded-base", home)

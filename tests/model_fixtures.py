@@ -23,18 +23,26 @@ OPENERS = ["How do I", "Can you help me", "Please tell me how to", "What is the 
 THANKS = ["", " Let me know if you need anything else.", " Thanks for reaching out to support."]
 
 
-def support_chats(n: int, seed: int = 0, prefix: str = "c") -> list[ChatSample]:
-    """n small, regular support conversations (a model can learn them in a few dozen steps)."""
+def _chats(n: int, seed: int, prefix: str, topics: list[tuple[str, str]], openers: list[str],
+           closings: list[str] | None = None) -> list[ChatSample]:
+    """n seeded one-turn chats: an opener and a topic ask, the topic's answer (and one of the
+    closing lines, when given) replies."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        topic, answer = TOPICS[rng.randrange(len(TOPICS))]
-        question = f"{rng.choice(OPENERS)} {topic}?"
+        topic, answer = topics[rng.randrange(len(topics))]
+        question = f"{rng.choice(openers)} {topic}?"
         msgs = [Message(role="user", content=question),
-                Message(role="assistant", content=answer + rng.choice(THANKS))]
+                Message(role="assistant",
+                        content=answer + (rng.choice(closings) if closings else ""))]
         out.append(ChatSample(id=f"{prefix}{i}-{content_id(None, question + str(i))[:6]}",
                               messages=msgs))
     return out
+
+
+def support_chats(n: int, seed: int = 0, prefix: str = "c") -> list[ChatSample]:
+    """n small, regular support conversations (a model can learn them in a few dozen steps)."""
+    return _chats(n, seed, prefix, TOPICS, OPENERS, THANKS)
 
 
 @contextmanager
@@ -131,15 +139,7 @@ PRIME_STEPS, TOPIC_STEPS, TOPIC_LR = 150, 60, 1e-2  # measured: BENCHMARKS.md, "
 
 def topic_chats(n: int, seed: int = 0, prefix: str = "t") -> list[ChatSample]:
     """n support chats over REPLY_TOPICS: which reply answers is decided by the question."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        topic, answer = REPLY_TOPICS[rng.randrange(len(REPLY_TOPICS))]
-        question = f"{rng.choice(TOPIC_OPENERS)} {topic}?"
-        msgs = [Message(role="user", content=question), Message(role="assistant", content=answer)]
-        out.append(ChatSample(id=f"{prefix}{i}-{content_id(None, question + str(i))[:6]}",
-                              messages=msgs))
-    return out
+    return _chats(n, seed, prefix, REPLY_TOPICS, TOPIC_OPENERS)
 
 
 def worded_base(out_dir: Path, home: Path, steps: int = PRIME_STEPS) -> Path:
